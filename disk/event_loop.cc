@@ -1,0 +1,74 @@
+#include "kvblk/event_loop.h"
+
+#include "disk/io_engine.h"
+
+namespace kvblk {
+
+EventLoop::EventLoop(std::unique_ptr<IoEngine> engine) : engine_(std::move(engine)) {}
+EventLoop::~EventLoop() = default;
+
+EventLoop& EventLoop::Current() {
+  thread_local std::unique_ptr<EventLoop> loop;
+  if (!loop) loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
+  return *loop;
+}
+
+void EventLoop::Post(std::coroutine_handle<> h) {
+  {
+    std::lock_guard<std::mutex> l(posted_mu_);
+    posted_.push_back(h);
+  }
+  engine_->Wake();
+}
+
+void EventLoop::PostFunction(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> l(posted_mu_);
+    posted_fns_.push_back(std::move(fn));
+  }
+  engine_->Wake();
+}
+
+void EventLoop::Wake() { engine_->Wake(); }
+
+bool EventLoop::DrainPosted() {
+  std::deque<std::coroutine_handle<>> hs;
+  std::deque<std::function<void()>> fns;
+  {
+    std::lock_guard<std::mutex> l(posted_mu_);
+    hs.swap(posted_);
+    fns.swap(posted_fns_);
+  }
+  for (auto h : hs) ready_.push_back(h);
+  for (auto& fn : fns) fn();
+  return !hs.empty() || !fns.empty();
+}
+
+bool EventLoop::RunOnce() {
+  bool did = DrainPosted();
+  // Resume only what was ready at the start of the pass; coroutines that
+  // become ready meanwhile run in the next pass, after I/O is submitted.
+  size_t n = ready_.size();
+  for (size_t i = 0; i < n; ++i) {
+    auto h = ready_.front();
+    ready_.pop_front();
+    h.resume();
+    did = true;
+  }
+  if (engine_->Reap(false) > 0) did = true;
+  return did;
+}
+
+void EventLoop::RunUntil(const std::function<bool()>& done) {
+  while (!done()) {
+    if (RunOnce()) continue;
+    if (done()) break;
+    {
+      std::lock_guard<std::mutex> l(posted_mu_);
+      if (!posted_.empty() || !posted_fns_.empty()) continue;
+    }
+    engine_->Reap(true);
+  }
+}
+
+}  // namespace kvblk

@@ -1,0 +1,95 @@
+// EventLoop: one per I/O thread. It owns the thread's IoEngine, runs
+// coroutines that are ready, and reaps I/O completions.
+//
+// EventLoop::Current() is the calling thread's loop, created on first use.
+// Coroutines resumed by another thread (a lock handed over, a request
+// posted by a virtqueue) arrive through Post(), which is thread-safe.
+#ifndef KVBLK_EVENT_LOOP_H_
+#define KVBLK_EVENT_LOOP_H_
+
+#include <coroutine>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include "kvblk/task.h"
+
+namespace kvblk {
+
+class IoEngine;
+
+class EventLoop {
+ public:
+  explicit EventLoop(std::unique_ptr<IoEngine> engine);
+  ~EventLoop();
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  // The calling thread's loop (created with the default engine on first use).
+  static EventLoop& Current();
+
+  IoEngine& engine() { return *engine_; }
+
+  // Queues `h` to be resumed by this loop. Must be called on the loop's
+  // thread.
+  void Schedule(std::coroutine_handle<> h) { ready_.push_back(h); }
+  // Thread-safe Schedule().
+  void Post(std::coroutine_handle<> h);
+  // Thread-safe: runs `fn` on the loop's thread.
+  void PostFunction(std::function<void()> fn);
+
+  // Runs ready coroutines and completions until `done()` is true; blocks in
+  // the engine when there is nothing else to do.
+  void RunUntil(const std::function<bool()>& done);
+  // One pass: resumes what is ready and reaps completions without blocking.
+  // Returns true if any work was done.
+  bool RunOnce();
+  // Wakes a thread blocked in RunUntil (thread-safe).
+  void Wake();
+
+  // co_await loop.Yield(): lets other ready coroutines run first.
+  auto Yield() {
+    struct A {
+      EventLoop* loop;
+      bool await_ready() const noexcept { return false; }
+      void await_suspend(std::coroutine_handle<> h) { loop->Schedule(h); }
+      void await_resume() const noexcept {}
+    };
+    return A{this};
+  }
+
+ private:
+  bool DrainPosted();
+
+  std::unique_ptr<IoEngine> engine_;
+  std::deque<std::coroutine_handle<>> ready_;
+  std::mutex posted_mu_;
+  std::deque<std::coroutine_handle<>> posted_;
+  std::deque<std::function<void()>> posted_fns_;
+};
+
+// Runs `task` on the calling thread's loop until it finishes and returns its
+// result. For tools, tests and setup code; never call it from a coroutine.
+template <typename T>
+T RunSync(Task<T> task) {
+  EventLoop& loop = EventLoop::Current();
+  bool done = false;
+  if constexpr (std::is_void_v<T>) {
+    Spawn(std::move(task), [&] { done = true; });
+    loop.RunUntil([&] { return done; });
+  } else {
+    std::optional<T> out;
+    Spawn(std::move(task), [&](T v) {
+      out.emplace(std::move(v));
+      done = true;
+    });
+    loop.RunUntil([&] { return done; });
+    return std::move(*out);
+  }
+}
+
+}  // namespace kvblk
+
+#endif  // KVBLK_EVENT_LOOP_H_

@@ -94,6 +94,10 @@ class BlockDevice {
   // Describes the run starting at `offset` (at most `max_length` bytes) whose
   // blocks all have the same status.
   virtual Task<Result<BlockStatus>> GetBlockStatus(uint64_t offset, uint64_t max_length) = 0;
+  // Writes one whole cluster compressed (qcow2 only; NotSupported elsewhere).
+  // `offset` must be cluster-aligned and `len` the cluster size (or the
+  // remainder at the end of the disk). The cluster must not be allocated yet.
+  virtual Task<Status> WriteCompressed(uint64_t offset, const void* buf, size_t len);
   // Flushes and marks the image clean. Afterwards only destruction is allowed.
   virtual Task<Status> Close() = 0;
 

@@ -1,0 +1,83 @@
+// Allocator: hands out host clusters (and byte ranges for compressed
+// clusters) with their refcounts raised, and frees clusters once the
+// metadata that referred to them is on disk.
+//
+// Free clusters are found by scanning refcounts from a cursor (lowered by
+// every free) and otherwise appended at the end of the file. Clusters with
+// data I/O in flight (BeginIo/EndIo) are never handed out, so a read or an
+// in-place write that races with a discard can never land in a cluster that
+// was already given to someone else.
+//
+// Frees are deferred: DeferFree() records a cluster whose last reference was
+// removed from an L2 or L1 table in memory; ApplyDeferredFrees() drops the
+// refcounts, and must only be called once those table changes are durable
+// (the "L2 entry cleared before refcount drops" rule).
+#ifndef KVBLK_DISK_ALLOCATOR_H_
+#define KVBLK_DISK_ALLOCATOR_H_
+
+#include <cstdint>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "disk/async_lock.h"
+#include "disk/refcount.h"
+
+namespace kvblk::qcow2 {
+
+class Allocator {
+ public:
+  Allocator(Refcounts* refcounts, File* file, uint32_t cluster_bits)
+      : rc_(refcounts), file_(file), cluster_bits_(cluster_bits) {}
+
+  struct Run {
+    uint64_t offset;  // host byte offset of the first cluster
+    uint64_t count;   // clusters, >= 1
+  };
+  // Allocates a run of 1..n contiguous clusters, each with refcount 1.
+  Task<Result<Run>> Allocate(uint64_t n);
+  // Allocates exactly n contiguous clusters (for tables), at the file end.
+  Task<Result<uint64_t>> AllocateContiguous(uint64_t n);
+  // Allocates `len` bytes (<= one cluster) for a compressed cluster; the
+  // host clusters it touches get one more reference each.
+  Task<Result<uint64_t>> AllocateBytes(uint64_t len);
+
+  // Records a reference dropped from in-memory metadata: `count` clusters
+  // from host byte offset `offset` each lose one reference later.
+  void DeferFree(uint64_t offset, uint64_t count);
+  size_t deferred_count() const { return deferred_.size(); }
+  using FreeList = std::vector<std::pair<uint64_t, uint64_t>>;  // (host offset, clusters)
+  // Takes the frees recorded so far (to be applied once durable).
+  FreeList TakeDeferred() {
+    FreeList l;
+    l.swap(deferred_);
+    return l;
+  }
+  // Applies frees taken by TakeDeferred(). Precondition: every table change
+  // that dropped those references is durable. Clusters that reach refcount 0
+  // are punched out of the host file.
+  Task<Status> ApplyFrees(FreeList frees);
+
+  void BeginIo(uint64_t host_cluster) { ++inflight_[host_cluster]; }
+  void EndIo(uint64_t host_cluster) {
+    auto it = inflight_.find(host_cluster);
+    if (it != inflight_.end() && --it->second == 0) inflight_.erase(it);
+  }
+
+ private:
+  // Whether `cluster` can be handed out.
+  Task<Result<bool>> IsFree(uint64_t cluster);
+
+  Refcounts* rc_;
+  File* file_;
+  uint32_t cluster_bits_;
+  AsyncMutex mu_;
+  uint64_t cursor_ = 0;
+  uint64_t compressed_next_ = 0;  // next free byte in the compressed cluster, or 0
+  FreeList deferred_;
+  std::unordered_map<uint64_t, int> inflight_;
+};
+
+}  // namespace kvblk::qcow2
+
+#endif  // KVBLK_DISK_ALLOCATOR_H_

@@ -1,0 +1,450 @@
+// Qcow2Device data path: read, write (in place and allocating), discard,
+// write zeroes, block status and compressed writes.
+#include <algorithm>
+#include <cstring>
+
+#include "disk/compress.h"
+#include "disk/iov.h"
+#include "disk/qcow2_device.h"
+#include "disk/raw_device.h"
+
+namespace kvblk::qcow2 {
+
+namespace {
+
+// Enough zeros for any cluster (2 MiB), shared read-only.
+const std::vector<uint8_t>& ZeroBuffer() {
+  static const std::vector<uint8_t> zeros(uint64_t{1} << kMaxClusterBits, 0);
+  return zeros;
+}
+
+iovec ZeroIovec(size_t len) {
+  return {const_cast<uint8_t*>(ZeroBuffer().data()), len};
+}
+
+// Keeps host clusters registered as "I/O in flight" with the allocator.
+class IoPin {
+ public:
+  IoPin(Allocator* a, uint64_t first_cluster, uint64_t count)
+      : a_(a), first_(first_cluster), count_(count) {
+    for (uint64_t i = 0; i < count_; ++i) a_->BeginIo(first_ + i);
+  }
+  ~IoPin() {
+    for (uint64_t i = 0; i < count_; ++i) a_->EndIo(first_ + i);
+  }
+  IoPin(const IoPin&) = delete;
+  IoPin& operator=(const IoPin&) = delete;
+
+ private:
+  Allocator* a_;
+  uint64_t first_;
+  uint64_t count_;
+};
+
+}  // namespace
+
+// --- reads ----------------------------------------------------------------
+
+Task<Status> Qcow2Device::ReadBacking(uint64_t pos, const std::vector<iovec>& iov) {
+  size_t len = 0;
+  for (const auto& v : iov) len += v.iov_len;
+  uint64_t bsize = backing_ ? backing_->size() : 0;
+  size_t avail = pos >= bsize ? 0 : static_cast<size_t>(std::min<uint64_t>(len, bsize - pos));
+  if (avail > 0) {
+    std::vector<iovec> part;
+    SliceIov(iov, 0, avail, &part);
+    KVBLK_CO_RETURN_IF_ERROR(co_await backing_->Read(pos, part.data(), static_cast<int>(part.size())));
+  }
+  if (avail < len) {
+    std::vector<iovec> rest;
+    SliceIov(iov, avail, len - avail, &rest);
+    ZeroIov(rest);
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::ReadCompressed(const Mapping& m, uint64_t pos,
+                                         const std::vector<iovec>& iov) {
+  uint64_t first = m.comp_offset >> cluster_bits_;
+  uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits_;
+  IoPin pin(alloc_.get(), first, last - first + 1);
+  std::vector<uint8_t> in(m.comp_length);
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Read(in.data(), in.size(), m.comp_offset));
+  std::vector<uint8_t> out(cluster_size_);
+  Status st = Decompress(header_.compression_type, in.data(), in.size(), out.data(), out.size());
+  if (!st.ok()) {
+    co_return st.WithContext(file_->path() + ": compressed cluster at host offset " +
+                             std::to_string(m.comp_offset));
+  }
+  IovCursor cur(iov.data(), static_cast<int>(iov.size()));
+  size_t len = 0;
+  for (const auto& v : iov) len += v.iov_len;
+  cur.CopyIn(out.data() + (pos & (cluster_size_ - 1)), len);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::ReadMapped(const Mapping& m, uint64_t pos,
+                                     const std::vector<iovec>& iov) {
+  switch (m.type) {
+    case Mapping::Type::kUnallocated:
+      co_return co_await ReadBacking(pos, iov);
+    case Mapping::Type::kZero:
+      ZeroIov(iov);
+      co_return Status::Ok();
+    case Mapping::Type::kCompressed:
+      co_return co_await ReadCompressed(m, pos, iov);
+    case Mapping::Type::kNormal: {
+      IoPin pin(alloc_.get(), m.host >> cluster_bits_, 1);
+      co_return co_await file_->ReadV(iov.data(), static_cast<int>(iov.size()),
+                                      m.host + (pos & (cluster_size_ - 1)));
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
+  const size_t len = IovTotal(iov, iovcnt);
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, false));
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
+  const std::vector<iovec> all(iov, iov + iovcnt);
+  const uint64_t end = offset + len;
+  uint64_t pos = offset;
+  std::vector<iovec> part;
+  while (pos < end) {
+    uint64_t gc = pos >> cluster_bits_;
+    size_t n = static_cast<size_t>(std::min(cluster_size_ - (pos & (cluster_size_ - 1)), end - pos));
+    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+    uint64_t k = 1;
+    if (m.type == Mapping::Type::kNormal) {
+      // Merge clusters that are contiguous on the host into one read.
+      while (pos + n < end) {
+        KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+        if (next.type != Mapping::Type::kNormal || next.host != m.host + k * cluster_size_) break;
+        n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+        ++k;
+      }
+    }
+    part.clear();
+    SliceIov(all, pos - offset, n, &part);
+    if (m.type == Mapping::Type::kNormal && k > 1) {
+      IoPin pin(alloc_.get(), m.host >> cluster_bits_, k);
+      KVBLK_CO_RETURN_IF_ERROR(co_await file_->ReadV(part.data(), static_cast<int>(part.size()),
+                                                     m.host + (pos & (cluster_size_ - 1))));
+    } else {
+      KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, pos, part));
+    }
+    pos += n;
+  }
+  co_return Status::Ok();
+}
+
+// --- writes ---------------------------------------------------------------
+
+void Qcow2Device::FreeOldEntry(uint64_t entry, uint64_t gc, uint64_t keep_host) {
+  auto m = Decode(entry, gc);
+  if (!m.ok()) return;  // an invalid old entry references nothing we may free
+  if (m->type == Mapping::Type::kCompressed) {
+    uint64_t first = m->comp_offset >> cluster_bits_;
+    uint64_t last = (m->comp_offset + m->comp_length - 1) >> cluster_bits_;
+    alloc_->DeferFree(first << cluster_bits_, last - first + 1);
+  } else if (m->host != 0 && m->host != keep_host) {
+    alloc_->DeferFree(m->host, 1);
+  }
+}
+
+Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
+                                                  const std::vector<iovec>& data) {
+  const uint64_t gc0 = pos >> cluster_bits_;
+  uint64_t k = ((pos + len - 1) >> cluster_bits_) - gc0 + 1;
+  ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc0, k);
+  // Someone may have allocated while we waited: look again.
+  std::vector<Mapping> old;
+  for (uint64_t i = 0; i < k; ++i) {
+    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc0 + i));
+    if (m.type == Mapping::Type::kNormal && m.copied) break;
+    old.push_back(m);
+  }
+  if (old.empty()) co_return size_t{0};
+  k = old.size();
+
+  const uint64_t l1i = gc0 >> l2_bits_;
+  KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(l1i));
+  KVBLK_CO_ASSIGN_OR_RETURN(Allocator::Run run, co_await alloc_->Allocate(k));
+  k = run.count;
+  len = static_cast<size_t>(std::min<uint64_t>(len, ((gc0 + k) << cluster_bits_) - pos));
+
+  // One write: copy-on-write head, the guest's data, copy-on-write tail.
+  const uint64_t head = pos & (cluster_size_ - 1);
+  const uint64_t end = pos + len;
+  const uint64_t tail = ((gc0 + k) << cluster_bits_) - end;
+  std::vector<uint8_t> head_buf(head), tail_buf(tail);
+  std::vector<iovec> w;
+  if (head > 0) {
+    std::vector<iovec> v{{head_buf.data(), head}};
+    KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(old[0], gc0 << cluster_bits_, v));
+    w.push_back(v[0]);
+  }
+  SliceIov(data, 0, len, &w);
+  if (tail > 0) {
+    std::vector<iovec> v{{tail_buf.data(), tail}};
+    KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(old[k - 1], end, v));
+    w.push_back(v[0]);
+  }
+  Status wst = co_await file_->WriteV(w.data(), static_cast<int>(w.size()), run.offset);
+  if (!wst.ok()) {
+    alloc_->DeferFree(run.offset, k);  // nothing refers to the run: give it back
+    co_return wst;
+  }
+
+  const uint64_t mask = (uint64_t{1} << l2_bits_) - 1;
+  for (uint64_t i = 0; i < k; ++i) {
+    uint64_t idx = (gc0 + i) & mask;
+    uint64_t prev = L2Entry(h, idx);
+    SetL2Entry(h, idx, (run.offset + (i << cluster_bits_)) | kOflagCopied);
+    FreeOldEntry(prev, gc0 + i, 0);
+  }
+  co_return len;
+}
+
+Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>& data) {
+  size_t len = 0;
+  for (const auto& v : data) len += v.iov_len;
+  const uint64_t end = offset + len;
+  uint64_t pos = offset;
+  std::vector<iovec> part;
+  while (pos < end) {
+    uint64_t gc = pos >> cluster_bits_;
+    size_t n = static_cast<size_t>(std::min(cluster_size_ - (pos & (cluster_size_ - 1)), end - pos));
+    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+    uint64_t k = 1;
+    if (m.type == Mapping::Type::kNormal && m.copied) {
+      // In place: no cluster lock, merged over host-contiguous clusters.
+      while (pos + n < end) {
+        KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+        if (next.type != Mapping::Type::kNormal || !next.copied ||
+            next.host != m.host + k * cluster_size_) {
+          break;
+        }
+        n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+        ++k;
+      }
+      part.clear();
+      SliceIov(data, pos - offset, n, &part);
+      IoPin pin(alloc_.get(), m.host >> cluster_bits_, k);
+      KVBLK_CO_RETURN_IF_ERROR(co_await file_->WriteV(part.data(), static_cast<int>(part.size()),
+                                                      m.host + (pos & (cluster_size_ - 1))));
+      pos += n;
+      continue;
+    }
+    // Gather following clusters of the same L2 table that also need
+    // allocation, so they can share one host run and one write.
+    const uint64_t mask = (uint64_t{1} << l2_bits_) - 1;
+    while (pos + n < end && ((gc + k) & mask) != 0 && k < 256) {
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+      if (next.type == Mapping::Type::kNormal && next.copied) break;
+      n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+      ++k;
+    }
+    part.clear();
+    SliceIov(data, pos - offset, n, &part);
+    KVBLK_CO_ASSIGN_OR_RETURN(size_t done, co_await AllocatingWrite(pos, n, part));
+    pos += done;  // 0: the cluster became writable in place; go round again
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::Write(uint64_t offset, const iovec* iov, int iovcnt) {
+  const size_t len = IovTotal(iov, iovcnt);
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, true));
+  if (len == 0) co_return Status::Ok();
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
+  co_return co_await WriteLocked(offset, std::vector<iovec>(iov, iov + iovcnt));
+}
+
+// --- discard and write zeroes ----------------------------------------------
+
+Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool may_unmap,
+                                               bool* done) {
+  *done = true;
+  ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  const bool v3 = header_.version >= 3;
+  uint64_t entry;
+  uint64_t keep = 0;
+  if (discard) {
+    bool allocated = m.type != Mapping::Type::kUnallocated;
+    entry = (v3 && (backing_ || allocated)) ? kOflagZero : 0;
+    if (m.type == Mapping::Type::kUnallocated && entry == 0) co_return Status::Ok();
+    if (m.type == Mapping::Type::kZero && m.host == 0) co_return Status::Ok();
+  } else if (!v3) {
+    if (backing_) {
+      *done = false;  // no zero flag in v2: the caller writes zeros
+      co_return Status::Ok();
+    }
+    if (m.type == Mapping::Type::kUnallocated) co_return Status::Ok();
+    entry = 0;
+  } else {
+    if (m.type == Mapping::Type::kZero && (m.host == 0 || !may_unmap)) co_return Status::Ok();
+    if (m.type == Mapping::Type::kUnallocated && !backing_) co_return Status::Ok();
+    entry = kOflagZero;
+    if (!may_unmap && m.type == Mapping::Type::kNormal && m.copied) {
+      entry = m.host | kOflagZero | kOflagCopied;  // keep the allocation
+      keep = m.host;
+    }
+  }
+  KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(gc >> l2_bits_));
+  uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
+  uint64_t prev = L2Entry(h, idx);
+  SetL2Entry(h, idx, entry);
+  FreeOldEntry(prev, gc, keep);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::Discard(uint64_t offset, uint64_t length) {
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
+  {
+    co_await image_lock_.LockShared();
+    SharedGuard g(&image_lock_);
+    uint64_t end = offset + length;
+    uint64_t first = (offset + cluster_size_ - 1) >> cluster_bits_;
+    // The partial last cluster of the disk counts as whole.
+    uint64_t last = end == header_.size ? (end + cluster_size_ - 1) >> cluster_bits_
+                                        : end >> cluster_bits_;
+    for (uint64_t gc = first; gc < last; ++gc) {
+      bool done;
+      KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardCluster(gc, true, true, &done));
+    }
+  }
+  // Bound the clusters waiting to be freed.
+  if (alloc_->deferred_count() > 4096) {
+    co_await flush_mu_.Lock();
+    ExclusiveGuard f(&flush_mu_);
+    KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
+  const uint64_t end = offset + length;
+  uint64_t pos = offset;
+  while (pos < end) {
+    uint64_t gc = pos >> cluster_bits_;
+    uint64_t cend = std::min(end, (gc + 1) << cluster_bits_);
+    bool whole = (pos & (cluster_size_ - 1)) == 0 &&
+                 (cend == ((gc + 1) << cluster_bits_) || cend == header_.size);
+    bool done = false;
+    if (whole) KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardCluster(gc, false, may_unmap, &done));
+    if (!done) {
+      std::vector<iovec> z{ZeroIovec(static_cast<size_t>(cend - pos))};
+      KVBLK_CO_RETURN_IF_ERROR(co_await WriteLocked(pos, z));
+    }
+    pos = cend;
+  }
+  co_return Status::Ok();
+}
+
+// --- block status ------------------------------------------------------------
+
+Task<Result<BlockStatus>> Qcow2Device::GetBlockStatus(uint64_t offset, uint64_t max_length) {
+  if (offset >= header_.size) {
+    co_return Status::InvalidArgument(file_->path() + ": offset " + std::to_string(offset) +
+                                      " is past the end of the disk");
+  }
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
+  const uint64_t limit = offset + std::min(max_length, header_.size - offset);
+  uint64_t gc = offset >> cluster_bits_;
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  uint64_t len = std::min(limit, (gc + 1) << cluster_bits_) - offset;
+  if (m.type != Mapping::Type::kCompressed) {
+    for (uint64_t k = 1; offset + len < limit; ++k) {
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+      if (next.type != m.type) break;
+      bool m_has_host = m.host != 0;
+      if (m_has_host != (next.host != 0)) break;
+      if (m_has_host && next.host != m.host + k * cluster_size_) break;
+      len = std::min(limit, (gc + k + 1) << cluster_bits_) - offset;
+    }
+  }
+  BlockStatus bs;
+  bs.length = len;
+  const uint64_t in = offset & (cluster_size_ - 1);
+  switch (m.type) {
+    case Mapping::Type::kNormal:
+      bs.present = bs.data = true;
+      bs.host_offset = m.host + in;
+      bs.host_file = file_->path();
+      break;
+    case Mapping::Type::kZero:
+      bs.present = bs.zero = true;
+      if (m.host) {
+        bs.host_offset = m.host + in;
+        bs.host_file = file_->path();
+      }
+      break;
+    case Mapping::Type::kCompressed:
+      bs.present = bs.data = true;
+      bs.compressed = true;
+      bs.host_file = file_->path();
+      break;
+    case Mapping::Type::kUnallocated:
+      if (backing_ && offset < backing_->size()) {
+        KVBLK_CO_ASSIGN_OR_RETURN(BlockStatus b, co_await backing_->GetBlockStatus(offset, len));
+        b.depth += 1;
+        co_return b;
+      }
+      bs.zero = true;
+      if (backing_) bs.depth = 1;
+      break;
+  }
+  co_return bs;
+}
+
+// --- compressed writes -------------------------------------------------------
+
+Task<Status> Qcow2Device::WriteCompressed(uint64_t offset, const void* buf, size_t len) {
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, true));
+  if ((offset & (cluster_size_ - 1)) != 0 ||
+      (len != cluster_size_ && offset + len != header_.size) || len > cluster_size_) {
+    co_return Status::InvalidArgument(file_->path() +
+                                      ": compressed writes must cover exactly one cluster");
+  }
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
+  const uint64_t gc = offset >> cluster_bits_;
+  std::vector<uint8_t> clear(cluster_size_, 0);
+  std::memcpy(clear.data(), buf, len);
+  KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint8_t> packed,
+                            Compress(header_.compression_type, clear.data(), cluster_size_,
+                                     cluster_size_ - 1));
+  if (packed.empty()) {  // incompressible: store it as a normal cluster
+    std::vector<iovec> v{{const_cast<void*>(buf), len}};
+    co_return co_await WriteLocked(offset, v);
+  }
+  ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  if (m.type == Mapping::Type::kNormal || m.type == Mapping::Type::kCompressed) {
+    co_return Status::InvalidArgument(file_->path() + ": cluster at guest offset " +
+                                      std::to_string(offset) +
+                                      " is already allocated; compressed writes need an "
+                                      "unallocated cluster");
+  }
+  KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(gc >> l2_bits_));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t host, co_await alloc_->AllocateBytes(packed.size()));
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(packed.data(), packed.size(), host));
+  const int x = CompressedOffsetBits(cluster_bits_);
+  uint64_t extra_sectors = ((host + packed.size() - 1) >> 9) - (host >> 9);
+  uint64_t entry = host | (extra_sectors << x) | kOflagCompressed;
+  uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
+  uint64_t prev = L2Entry(h, idx);
+  SetL2Entry(h, idx, entry);
+  FreeOldEntry(prev, gc, 0);
+  co_return Status::Ok();
+}
+
+}  // namespace kvblk::qcow2

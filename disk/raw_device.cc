@@ -1,0 +1,101 @@
+#include "disk/raw_device.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "kvblk/event_loop.h"
+
+namespace kvblk {
+
+size_t IovTotal(const iovec* iov, int iovcnt) {
+  size_t n = 0;
+  for (int i = 0; i < iovcnt; ++i) n += iov[i].iov_len;
+  return n;
+}
+
+Task<Status> BlockDevice::Read(uint64_t offset, void* buf, size_t len) {
+  iovec v{buf, len};
+  co_return co_await Read(offset, &v, 1);
+}
+
+Task<Status> BlockDevice::Write(uint64_t offset, const void* buf, size_t len) {
+  iovec v{const_cast<void*>(buf), len};
+  co_return co_await Write(offset, &v, 1);
+}
+
+Task<Status> BlockDevice::WriteCompressed(uint64_t, const void*, size_t) {
+  co_return Status::NotSupported("compressed writes need a qcow2 image");
+}
+
+Result<std::unique_ptr<RawDevice>> RawDevice::Open(std::unique_ptr<File> file) {
+  KVBLK_ASSIGN_OR_RETURN(uint64_t size, file->Size());
+  return std::unique_ptr<RawDevice>(new RawDevice(std::move(file), size));
+}
+
+Status RawDevice::CheckRange(uint64_t offset, uint64_t length) const {
+  if (offset > size_ || length > size_ - offset) {
+    return Status::InvalidArgument(file_->path() + ": request at offset " +
+                                   std::to_string(offset) + " length " + std::to_string(length) +
+                                   " is past the end of the device (" + std::to_string(size_) +
+                                   " bytes)");
+  }
+  return Status::Ok();
+}
+
+Task<Status> RawDevice::Read(uint64_t offset, const iovec* iov, int iovcnt) {
+  KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, IovTotal(iov, iovcnt)));
+  co_return co_await file_->ReadV(iov, iovcnt, offset);
+}
+
+Task<Status> RawDevice::Write(uint64_t offset, const iovec* iov, int iovcnt) {
+  if (file_->read_only()) co_return Status::ReadOnly(file_->path() + ": image is read-only");
+  KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, IovTotal(iov, iovcnt)));
+  co_return co_await file_->WriteV(iov, iovcnt, offset);
+}
+
+Task<Status> RawDevice::Flush() { co_return co_await file_->Flush(); }
+
+Task<Status> RawDevice::Discard(uint64_t offset, uint64_t length) {
+  if (file_->read_only()) co_return Status::ReadOnly(file_->path() + ": image is read-only");
+  KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, length));
+  co_return co_await file_->Discard(offset, length);
+}
+
+Task<Status> RawDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
+  if (file_->read_only()) co_return Status::ReadOnly(file_->path() + ": image is read-only");
+  KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, length));
+  co_return co_await file_->WriteZeroes(offset, length, !may_unmap);
+}
+
+Task<Result<BlockStatus>> RawDevice::GetBlockStatus(uint64_t offset, uint64_t max_length) {
+  KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, 0));
+  BlockStatus bs;
+  bs.length = std::min<uint64_t>(max_length, size_ - offset);
+  bs.present = true;
+  bs.data = true;
+  bs.host_offset = offset;
+  bs.host_file = file_->path();
+  co_return bs;
+}
+
+Task<Status> RawDevice::Close() { co_return co_await file_->Flush(); }
+
+Capabilities RawDevice::capabilities() const {
+  Capabilities c;
+  c.read_only = file_->read_only();
+  c.logical_block_size = 512;
+  c.discard_granularity = 4096;
+  c.optimal_io_size = 0;
+  return c;
+}
+
+Result<ImageInfo> RawDevice::Info() {
+  ImageInfo info;
+  info.filename = file_->path();
+  info.format = "raw";
+  info.virtual_size = size_;
+  KVBLK_ASSIGN_OR_RETURN(info.actual_size, file_->AllocatedBytes());
+  return info;
+}
+
+}  // namespace kvblk

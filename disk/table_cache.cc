@@ -1,0 +1,218 @@
+#include "disk/table_cache.h"
+
+#include <cstring>
+
+namespace kvblk {
+
+TableCache::TableCache(std::string name, File* file, uint32_t table_size, size_t capacity,
+                       Writer writer)
+    : name_(std::move(name)), file_(file), table_size_(table_size),
+      capacity_(capacity < 2 ? 2 : capacity), writer_(std::move(writer)) {}
+
+TableCache::~TableCache() = default;
+
+// --- Handle ---------------------------------------------------------------
+
+TableCache::Handle::Handle(TableCache* c, Entry* e) : c_(c), e_(e) { c_->Pin(e_); }
+TableCache::Handle::Handle(const Handle& o) : c_(o.c_), e_(o.e_) {
+  if (e_) c_->Pin(e_);
+}
+TableCache::Handle& TableCache::Handle::operator=(const Handle& o) {
+  if (this != &o) {
+    Reset();
+    c_ = o.c_;
+    e_ = o.e_;
+    if (e_) c_->Pin(e_);
+  }
+  return *this;
+}
+TableCache::Handle::Handle(Handle&& o) noexcept : c_(o.c_), e_(o.e_) {
+  o.c_ = nullptr;
+  o.e_ = nullptr;
+}
+TableCache::Handle& TableCache::Handle::operator=(Handle&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    c_ = o.c_;
+    e_ = o.e_;
+    o.c_ = nullptr;
+    o.e_ = nullptr;
+  }
+  return *this;
+}
+TableCache::Handle::~Handle() { Reset(); }
+void TableCache::Handle::Reset() {
+  if (e_) c_->Unpin(e_);
+  e_ = nullptr;
+  c_ = nullptr;
+}
+uint8_t* TableCache::Handle::data() const { return e_->data.get(); }
+uint64_t TableCache::Handle::offset() const { return e_->offset; }
+void TableCache::Handle::MarkDirty() { ++e_->dirty_gen; }
+
+// --- Cache ----------------------------------------------------------------
+
+void TableCache::Pin(Entry* e) {
+  if (e->pins++ == 0 && e->in_lru) {
+    lru_.erase(e->lru_it);
+    e->in_lru = false;
+  }
+}
+
+void TableCache::Unpin(Entry* e) {
+  if (--e->pins > 0) return;
+  if (e->dropped || !e->loaded) {
+    // A failed load or a dropped table: forget it once nobody refers to it.
+    if (!e->writing) Erase(e);
+    return;
+  }
+  lru_.push_back(e);
+  e->lru_it = std::prev(lru_.end());
+  e->in_lru = true;
+}
+
+void TableCache::Erase(Entry* e) {
+  if (e->in_lru) lru_.erase(e->lru_it);
+  auto it = map_.find(e->offset);
+  if (it != map_.end() && it->second.get() == e) map_.erase(it);
+}
+
+TableCache::Entry* TableCache::NewEntry(uint64_t offset) {
+  auto e = std::make_unique<Entry>();
+  e->offset = offset;
+  e->data.reset(new uint8_t[table_size_]);
+  e->load_done = std::make_unique<AsyncEvent>();
+  Entry* raw = e.get();
+  map_[offset] = std::move(e);
+  return raw;
+}
+
+size_t TableCache::dirty_count() const {
+  size_t n = 0;
+  for (const auto& [off, e] : map_) {
+    if (e->loaded && e->dirty_gen != e->clean_gen) ++n;
+  }
+  return n;
+}
+
+std::vector<uint64_t> TableCache::LruOrder() const {
+  std::vector<uint64_t> v;
+  for (Entry* e : lru_) v.push_back(e->offset);
+  return v;
+}
+
+Task<Status> TableCache::WriteBack(Entry* e) {
+  // Snapshot the table so that concurrent changes neither tear the write nor
+  // sneak past the owner's ordering checks.
+  std::unique_ptr<uint8_t[]> copy(new uint8_t[table_size_]);
+  std::memcpy(copy.get(), e->data.get(), table_size_);
+  uint64_t gen = e->dirty_gen;
+  e->writing = true;
+  Pin(e);  // keep the entry alive (and out of the LRU list) across the write
+  Status st = co_await writer_(e->offset, copy.get());
+  e->writing = false;
+  if (st.ok()) {
+    ++stats_.writebacks;
+    if (gen > e->clean_gen) e->clean_gen = gen;
+  }
+  Unpin(e);
+  co_return st;
+}
+
+Task<Status> TableCache::MakeRoom() {
+  while (map_.size() >= capacity_ && !lru_.empty()) {
+    Entry* victim = lru_.front();
+    if (victim->dirty_gen != victim->clean_gen) {
+      if (victim->writing) co_return Status::Ok();  // someone is on it; tolerate overshoot
+      KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(victim));
+      continue;  // it is back at the tail of the LRU list; look again
+    }
+    ++stats_.evictions;
+    Erase(victim);
+  }
+  co_return Status::Ok();
+}
+
+Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it != map_.end() && !it->second->dropped) {
+    Entry* e = it->second.get();
+    Handle h(this, e);
+    if (!e->loaded) {
+      co_await e->load_done->Wait();
+      if (!e->load_status.ok()) co_return e->load_status;
+    } else {
+      ++stats_.hits;
+    }
+    co_return h;
+  }
+  ++stats_.misses;
+  KVBLK_CO_RETURN_IF_ERROR(co_await MakeRoom());
+  // MakeRoom may have suspended: someone else may have started the load.
+  it = map_.find(offset);
+  if (it != map_.end() && !it->second->dropped) co_return co_await Get(offset);
+  Entry* e = NewEntry(offset);
+  Handle h(this, e);
+  Status st = co_await file_->Read(e->data.get(), table_size_, offset);
+  if (st.ok() && validator_) st = validator_(offset, e->data.get());
+  if (!st.ok()) {
+    st = st.WithContext(name_ + " table at offset " + std::to_string(offset));
+  }
+  e->load_status = st;
+  e->loaded = st.ok();
+  e->load_done->Set();
+  if (!st.ok()) co_return st;
+  co_return h;
+}
+
+Task<Result<TableCache::Handle>> TableCache::Create(uint64_t offset) {
+  Drop(offset);
+  KVBLK_CO_RETURN_IF_ERROR(co_await MakeRoom());
+  Drop(offset);  // MakeRoom may have suspended
+  Entry* e = NewEntry(offset);
+  std::memset(e->data.get(), 0, table_size_);
+  e->loaded = true;
+  e->dirty_gen = 1;
+  e->load_done->Set();
+  co_return Handle(this, e);
+}
+
+Task<Result<TableCache::Handle>> TableCache::Insert(uint64_t offset, const uint8_t* contents) {
+  KVBLK_CO_ASSIGN_OR_RETURN(Handle h, co_await Create(offset));
+  std::memcpy(h.data(), contents, table_size_);
+  h.e_->clean_gen = h.e_->dirty_gen;
+  co_return h;
+}
+
+Task<Status> TableCache::Flush() {
+  std::vector<uint64_t> dirty;
+  for (const auto& [off, e] : map_) {
+    if (e->loaded && !e->dropped && e->dirty_gen != e->clean_gen) dirty.push_back(off);
+  }
+  for (uint64_t off : dirty) {
+    auto it = map_.find(off);
+    if (it == map_.end()) continue;
+    Entry* e = it->second.get();
+    if (e->dropped || e->dirty_gen == e->clean_gen) continue;
+    KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(e));
+  }
+  co_return Status::Ok();
+}
+
+void TableCache::Drop(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it == map_.end()) return;
+  Entry* e = it->second.get();
+  e->dropped = true;
+  if (e->pins == 0 && !e->writing) {
+    Erase(e);
+  } else {
+    // Unpin() erases it when the last holder lets go. Detach from the index
+    // now so a new table at the same offset can be created.
+    std::unique_ptr<Entry> keep = std::move(it->second);
+    map_.erase(it);
+    orphans_.push_back(std::move(keep));
+  }
+}
+
+}  // namespace kvblk

@@ -1,0 +1,144 @@
+// TableCache: a cache of cluster-sized metadata tables (L2 tables, refcount
+// blocks) keyed by their host offset.
+//
+// Index: an RB-tree (std::map) from host offset to entry. Eviction: an LRU
+// list of unpinned entries; a dirty entry is written back before it leaves.
+// A table that is being read from disk is read once: other callers wait for
+// that read instead of issuing their own.
+//
+// Write-back goes through the owner's Writer, which receives a private copy
+// of the table taken at the moment the write-back started: the owner
+// enforces its ordering rules (e.g. "refcounts before L2 tables") against
+// that copy, and changes made while the write is in flight keep the entry
+// dirty.
+//
+// Thread model: used from coroutines on one event loop at a time.
+#ifndef KVBLK_DISK_TABLE_CACHE_H_
+#define KVBLK_DISK_TABLE_CACHE_H_
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "disk/async_lock.h"
+#include "disk/file.h"
+#include "kvblk/status.h"
+#include "kvblk/task.h"
+
+namespace kvblk {
+
+class TableCache {
+  struct Entry;
+
+ public:
+  // Writes `table` (table_size bytes) for the entry at `offset`.
+  using Writer = std::function<Task<Status>(uint64_t offset, const uint8_t* table)>;
+  // Validates a table just read from disk (e.g. entry sanity); may be null.
+  using Validator = std::function<Status(uint64_t offset, const uint8_t* table)>;
+
+  // `capacity` is the number of tables kept (at least 2).
+  TableCache(std::string name, File* file, uint32_t table_size, size_t capacity, Writer writer);
+  ~TableCache();
+  TableCache(const TableCache&) = delete;
+  TableCache& operator=(const TableCache&) = delete;
+
+  // A pinned table: it stays in memory while any Handle refers to it.
+  class Handle {
+   public:
+    Handle() = default;
+    Handle(const Handle& o);
+    Handle& operator=(const Handle& o);
+    Handle(Handle&& o) noexcept;
+    Handle& operator=(Handle&& o) noexcept;
+    ~Handle();
+
+    explicit operator bool() const { return e_ != nullptr; }
+    uint8_t* data() const;
+    uint64_t offset() const;
+    // Records a change; the table will be written back.
+    void MarkDirty();
+
+   private:
+    friend class TableCache;
+    Handle(TableCache* c, Entry* e);
+    void Reset();
+    TableCache* c_ = nullptr;
+    Entry* e_ = nullptr;
+  };
+
+  // Returns the table at `offset`, reading it from disk on a miss.
+  // Errors: the read's Status, or the validator's.
+  Task<Result<Handle>> Get(uint64_t offset);
+  // Returns a table for a freshly allocated cluster without reading it; its
+  // contents start as zeros and it is marked dirty. Any stale entry for the
+  // offset is dropped first.
+  Task<Result<Handle>> Create(uint64_t offset);
+  // Inserts a table whose contents are already on disk (clean).
+  Task<Result<Handle>> Insert(uint64_t offset, const uint8_t* contents);
+  // Writes back every dirty table. On error the tables stay dirty.
+  Task<Status> Flush();
+  // Forgets the table at `offset` (its cluster was freed). Must not be pinned.
+  void Drop(uint64_t offset);
+
+  void set_validator(Validator v) { validator_ = std::move(v); }
+  uint32_t table_size() const { return table_size_; }
+  size_t capacity() const { return capacity_; }
+  size_t size() const { return map_.size(); }
+  size_t dirty_count() const;
+  bool Contains(uint64_t offset) const { return map_.count(offset) != 0; }
+
+  // Statistics, for tests and benchmarks.
+  struct Stats {
+    uint64_t hits = 0;
+    uint64_t misses = 0;
+    uint64_t evictions = 0;
+    uint64_t writebacks = 0;
+  };
+  const Stats& stats() const { return stats_; }
+  // Offsets in LRU order, least recently used first (unpinned entries only).
+  std::vector<uint64_t> LruOrder() const;
+
+ private:
+  struct Entry {
+    uint64_t offset = 0;
+    std::unique_ptr<uint8_t[]> data;
+    int pins = 0;
+    bool loaded = false;
+    Status load_status;
+    std::unique_ptr<AsyncEvent> load_done;
+    uint64_t dirty_gen = 0;    // bumped by MarkDirty
+    uint64_t clean_gen = 0;    // dirty_gen last written back
+    bool writing = false;
+    bool in_lru = false;
+    std::list<Entry*>::iterator lru_it;
+    bool dropped = false;
+  };
+
+  void Pin(Entry* e);
+  void Unpin(Entry* e);
+  Entry* NewEntry(uint64_t offset);
+  // Evicts unpinned entries (writing back dirty ones) until there is room.
+  Task<Status> MakeRoom();
+  Task<Status> WriteBack(Entry* e);
+  void Erase(Entry* e);
+
+  std::string name_;
+  File* file_;
+  uint32_t table_size_;
+  size_t capacity_;
+  Writer writer_;
+  Validator validator_;
+  std::map<uint64_t, std::unique_ptr<Entry>> map_;
+  std::list<Entry*> lru_;  // front = least recently used
+  // Dropped entries still pinned by a holder; freed with the cache.
+  std::vector<std::unique_ptr<Entry>> orphans_;
+  Stats stats_;
+};
+
+}  // namespace kvblk
+
+#endif  // KVBLK_DISK_TABLE_CACHE_H_

@@ -124,8 +124,18 @@ Task<Status> TableCache::MakeRoom() {
     Entry* victim = lru_.front();
     if (victim->dirty_gen != victim->clean_gen) {
       if (victim->writing) co_return Status::Ok();  // someone is on it; tolerate overshoot
+      const uint64_t off = victim->offset;
       KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(victim));
-      continue;  // it is back at the tail of the LRU list; look again
+      // Evict it now unless someone used or changed it meanwhile.
+      auto it = map_.find(off);
+      if (it != map_.end()) {
+        Entry* e = it->second.get();
+        if (e->pins == 0 && e->dirty_gen == e->clean_gen && !e->writing) {
+          ++stats_.evictions;
+          Erase(e);
+        }
+      }
+      continue;
     }
     ++stats_.evictions;
     Erase(victim);

@@ -2,13 +2,8 @@
 
 namespace kvblk {
 
-namespace {
-thread_local EventLoop* tl_current_hint = nullptr;
-}
-
 void ResumeWaiter(const LockWaiter& w) {
-  if (tl_current_hint == nullptr) tl_current_hint = &EventLoop::Current();
-  if (w.loop == tl_current_hint) {
+  if (w.loop == &EventLoop::Current()) {
     w.loop->Schedule(w.handle);
   } else {
     w.loop->Post(w.handle);

@@ -7,11 +7,18 @@ namespace kvblk {
 EventLoop::EventLoop(std::unique_ptr<IoEngine> engine) : engine_(std::move(engine)) {}
 EventLoop::~EventLoop() = default;
 
+namespace {
+thread_local EventLoop* tl_installed = nullptr;
+}
+
 EventLoop& EventLoop::Current() {
+  if (tl_installed != nullptr) return *tl_installed;
   thread_local std::unique_ptr<EventLoop> loop;
   if (!loop) loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
   return *loop;
 }
+
+void EventLoop::SetCurrent(EventLoop* loop) { tl_installed = loop; }
 
 void EventLoop::Post(std::coroutine_handle<> h) {
   {

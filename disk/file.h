@@ -45,6 +45,17 @@ class File {
   // Bytes the host actually allocated for the file (for "actual-size").
   virtual Result<uint64_t> AllocatedBytes() = 0;
 
+  // Whether the host file holds data at `offset` (false: a hole that reads
+  // as zeros), and for how many bytes (at most `max`) that stays true.
+  // Files that cannot tell report data.
+  struct Extent {
+    bool data = true;
+    uint64_t length = 0;
+  };
+  virtual Result<Extent> DataExtent(uint64_t /*offset*/, uint64_t max) {
+    return Extent{true, max};
+  }
+
   virtual const std::string& path() const = 0;
   virtual bool read_only() const = 0;
   // Alignment that buffers, offsets and lengths must have (1 unless O_DIRECT);

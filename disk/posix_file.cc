@@ -160,6 +160,21 @@ class PosixFile final : public File {
     return static_cast<uint64_t>(st.st_blocks) * 512;
   }
 
+  Result<Extent> DataExtent(uint64_t offset, uint64_t max) override {
+    if (blockdev_) return Extent{true, max};
+    off_t data = lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return Extent{false, max};  // only holes from here to EOF
+      return Extent{true, max};  // the filesystem cannot tell
+    }
+    if (static_cast<uint64_t>(data) > offset) {
+      return Extent{false, std::min<uint64_t>(max, static_cast<uint64_t>(data) - offset)};
+    }
+    off_t hole = lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+    if (hole < 0 || static_cast<uint64_t>(hole) <= offset) return Extent{true, max};
+    return Extent{true, std::min<uint64_t>(max, static_cast<uint64_t>(hole) - offset)};
+  }
+
   const std::string& path() const override { return path_; }
   bool read_only() const override { return ro_; }
   uint32_t alignment() const override { return direct_ ? align_ : 1; }

@@ -17,11 +17,14 @@ namespace {
 constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
 constexpr uint64_t kDefaultRefcountCache = 1ull << 20;
 
-std::string DirName(const std::string& path) {
-  auto slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
+// Resolves a backing file name relative to the image that names it, the way
+// qemu does: absolute names stay, relative ones are joined to the image's
+// directory ("x.qcow2" next to "img.qcow2" stays "x.qcow2").
+std::string ResolveBacking(const std::string& image, const std::string& name) {
+  if (name.empty() || name[0] == '/') return name;
+  auto slash = image.rfind('/');
+  if (slash == std::string::npos) return name;
+  return image.substr(0, slash + 1) + name;
 }
 
 }  // namespace
@@ -83,13 +86,15 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
   uint64_t rc_bytes = opts_.refcount_cache_bytes ? opts_.refcount_cache_bytes
                                                  : kDefaultRefcountCache;
   rc.cache_tables = std::max<uint64_t>(4, rc_bytes / cluster_size_);
+  // A coroutine (co_await, not return): `buf` must live in its frame until
+  // the lazily started UpdateHeaderField has written it.
   rc.switch_table = [this](uint64_t off, uint32_t clusters) -> Task<Status> {
     uint8_t buf[12];
     StoreBe64(buf, off);
     StoreBe32(buf + 8, clusters);
     header_.refcount_table_offset = off;
     header_.refcount_table_clusters = clusters;
-    return UpdateHeaderField(48, buf, sizeof(buf));
+    co_return co_await UpdateHeaderField(48, buf, sizeof(buf));
   };
   KVBLK_CO_ASSIGN_OR_RETURN(refcounts_, co_await Refcounts::Load(rc, file_size));
   alloc_ = std::make_unique<Allocator>(refcounts_.get(), file_.get(), cluster_bits_);
@@ -128,8 +133,7 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
       co_return Status::NotSupported(path + ": backing chain is deeper than " +
                                      std::to_string(opts_.max_backing_depth) + " images");
     }
-    backing_path_ = header_.backing_file;
-    if (backing_path_[0] != '/') backing_path_ = DirName(path) + "/" + backing_path_;
+    backing_path_ = ResolveBacking(path, header_.backing_file);
     OpenOptions bo = opts_;
     bo.read_only = true;
     bo.format = header_.backing_format;
@@ -208,6 +212,10 @@ Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) co
   }
   m.host = host;
   m.copied = (entry & kOflagCopied) != 0;
+  if ((entry & kOflagZero) && header_.version < 3) {
+    // qcow2.rst: "With version 2 ... this is always 0".
+    return CorruptionAt(gc, "L2 entry has the zero flag set in a version 2 image");
+  }
   if (entry & kOflagZero) {
     m.type = Mapping::Type::kZero;
   } else if (host != 0) {
@@ -377,9 +385,7 @@ Result<ImageInfo> Qcow2Device::Info() {
   info.dirty = header_.dirty();
   info.backing_filename = header_.backing_file;
   if (!header_.backing_file.empty()) {
-    info.full_backing_filename = header_.backing_file[0] == '/'
-                                     ? header_.backing_file
-                                     : DirName(file_->path()) + "/" + header_.backing_file;
+    info.full_backing_filename = ResolveBacking(file_->path(), header_.backing_file);
   }
   info.backing_format = header_.backing_format;
   info.compat = header_.version >= 3 ? "1.1" : "0.10";

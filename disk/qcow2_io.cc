@@ -271,15 +271,18 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
   ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
   KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
   const bool v3 = header_.version >= 3;
+  // What an unallocated cluster means on disk depends on the image having a
+  // backing file, whether or not this open follows it.
+  const bool has_backing = !header_.backing_file.empty();
   uint64_t entry;
   uint64_t keep = 0;
   if (discard) {
     bool allocated = m.type != Mapping::Type::kUnallocated;
-    entry = (v3 && (backing_ || allocated)) ? kOflagZero : 0;
+    entry = (v3 && (has_backing || allocated)) ? kOflagZero : 0;
     if (m.type == Mapping::Type::kUnallocated && entry == 0) co_return Status::Ok();
     if (m.type == Mapping::Type::kZero && m.host == 0) co_return Status::Ok();
   } else if (!v3) {
-    if (backing_) {
+    if (has_backing) {
       *done = false;  // no zero flag in v2: the caller writes zeros
       co_return Status::Ok();
     }
@@ -287,7 +290,7 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
     entry = 0;
   } else {
     if (m.type == Mapping::Type::kZero && (m.host == 0 || !may_unmap)) co_return Status::Ok();
-    if (m.type == Mapping::Type::kUnallocated && !backing_) co_return Status::Ok();
+    if (m.type == Mapping::Type::kUnallocated && !has_backing) co_return Status::Ok();
     entry = kOflagZero;
     if (!may_unmap && m.type == Mapping::Type::kNormal && m.copied) {
       entry = m.host | kOflagZero | kOflagCopied;  // keep the allocation
@@ -304,6 +307,9 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
 
 Task<Status> Qcow2Device::Discard(uint64_t offset, uint64_t length) {
   KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
+  // A v2 image has no zero flag: unmapping a cluster would expose the
+  // backing file's (stale) data. Discards are advisory, so do nothing.
+  if (header_.version < 3 && !header_.backing_file.empty()) co_return Status::Ok();
   {
     co_await image_lock_.LockShared();
     SharedGuard g(&image_lock_);
@@ -375,11 +381,16 @@ Task<Result<BlockStatus>> Qcow2Device::GetBlockStatus(uint64_t offset, uint64_t 
   bs.length = len;
   const uint64_t in = offset & (cluster_size_ - 1);
   switch (m.type) {
-    case Mapping::Type::kNormal:
+    case Mapping::Type::kNormal: {
       bs.present = bs.data = true;
       bs.host_offset = m.host + in;
       bs.host_file = file_->path();
+      // A hole in the host file reads as zeros (e.g. metadata preallocation).
+      KVBLK_CO_ASSIGN_OR_RETURN(File::Extent ext, file_->DataExtent(m.host + in, len));
+      bs.zero = !ext.data;
+      bs.length = ext.length;
       break;
+    }
     case Mapping::Type::kZero:
       bs.present = bs.zero = true;
       if (m.host) {

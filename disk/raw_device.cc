@@ -69,10 +69,17 @@ Task<Status> RawDevice::WriteZeroes(uint64_t offset, uint64_t length, bool may_u
 
 Task<Result<BlockStatus>> RawDevice::GetBlockStatus(uint64_t offset, uint64_t max_length) {
   KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, 0));
+  if (offset >= size_) {
+    co_return Status::InvalidArgument(file_->path() + ": offset " + std::to_string(offset) +
+                                      " is past the end of the device");
+  }
+  KVBLK_CO_ASSIGN_OR_RETURN(File::Extent ext,
+                            file_->DataExtent(offset, std::min<uint64_t>(max_length, size_ - offset)));
   BlockStatus bs;
-  bs.length = std::min<uint64_t>(max_length, size_ - offset);
+  bs.length = ext.length;
   bs.present = true;
-  bs.data = true;
+  bs.data = ext.data;
+  bs.zero = !ext.data;
   bs.host_offset = offset;
   bs.host_file = file_->path();
   co_return bs;

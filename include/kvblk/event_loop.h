@@ -27,8 +27,12 @@ class EventLoop {
   EventLoop(const EventLoop&) = delete;
   EventLoop& operator=(const EventLoop&) = delete;
 
-  // The calling thread's loop (created with the default engine on first use).
+  // The calling thread's loop: the one installed with SetCurrent(), else a
+  // loop with the default engine created on first use.
   static EventLoop& Current();
+  // Installs `loop` (not owned; nullptr to uninstall) as the calling
+  // thread's loop. I/O started on this thread then goes to its engine.
+  static void SetCurrent(EventLoop* loop);
 
   IoEngine& engine() { return *engine_; }
 

@@ -20,7 +20,11 @@
 #include "disk/qcow2_create.h"
 #include "disk/qcow2_format.h"
 #include "kvblk/image_create.h"
-namespace kvblk::qcow2 {
+
+// ---------------------------------------------------------------------------
+// ParseSize
+
+namespace kvblk {
 namespace {
 
 template <typename T>
@@ -37,11 +41,6 @@ void ExpectError(const Status& s, StatusCode code, const std::string& phrase) {
 }
 
 
-// ---------------------------------------------------------------------------
-// ParseSize
-
-namespace kvblk {
-namespace {
 
 TEST(ParseSize, AcceptsBytesAndBinarySuffixes) {
   const std::pair<const char*, uint64_t> cases[] = {
@@ -68,7 +67,7 @@ TEST(ParseSize, AcceptsDecimalFractionsRoundingDown) {
 TEST(ParseSize, RejectsMalformedNegativeAndOverflowingSizes) {
   for (const char* text : {"", "-1", "abc", "1x", "1kk", " 1", "1 ", "1.", ".5G", "1.5", "1.5b",
                            "16E", "18446744073709551616", "99999999999999999999k", "1,5G"}) {
-    qcow2::ExpectError(ParseSize(text), StatusCode::kInvalidArgument,
+    ExpectError(ParseSize(text), StatusCode::kInvalidArgument,
                        std::string("invalid size '") + text + "'");
   }
 }
@@ -130,11 +129,11 @@ class CreateImageTest : public ::testing::Test {
   // Asserts that creating an image with `o` fails with `code` and `phrase`,
   // and that neither a new path nor an existing file was touched.
   void ExpectCreateFails(const CreateOptions& o, StatusCode code, const std::string& phrase) {
-    qcow2::ExpectError(CreateImage(Path("new.img"), o), code, phrase);
+    ExpectError(CreateImage(Path("new.img"), o), code, phrase);
     EXPECT_FALSE(std::filesystem::exists(Path("new.img")));
     const std::string existing = Path("existing.img");
     { std::ofstream(existing) << "keep me"; }
-    qcow2::ExpectError(CreateImage(existing, o), code, phrase);
+    ExpectError(CreateImage(existing, o), code, phrase);
     const std::vector<uint8_t> content = ReadFile(existing);
     EXPECT_EQ(std::string(content.begin(), content.end()), "keep me");
   }

@@ -75,7 +75,9 @@ Task<Result<uint64_t>> Allocator::AllocateBytes(uint64_t len) {
       co_await mu_.Lock();
       ExclusiveGuard g(&mu_);
       KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await rc_->Get(cluster));
-      if (rc > 0 && compressed_next_ == off) {
+      // A cluster whose refcount is at the maximum the width allows (1 with
+      // refcount_bits=1) cannot be shared further: start a new one.
+      if (rc > 0 && rc < MaxRefcount(rc_->order()) && compressed_next_ == off) {
         KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(cluster, 1));
         compressed_next_ = off + len;
         co_return off;

@@ -319,6 +319,14 @@ Status CreateQcow2(const std::string& path, const CreateOptions& opts) {
   h.refcount_table_offset = layout.reftable_offset;
   h.refcount_table_clusters = static_cast<uint32_t>(layout.reftable_clusters);
   auto encoded = qcow2::EncodeHeader(&h);
+  if (!encoded.ok() && encoded.status().code() == StatusCode::kNotSupported &&
+      !h.feature_names.empty()) {
+    // The feature name table is optional; like qemu-img, leave it out when
+    // it would not fit in a small first cluster (e.g. 512 bytes with a
+    // backing file name).
+    h.feature_names.clear();
+    encoded = qcow2::EncodeHeader(&h);
+  }
   if (!encoded.ok()) {
     return Status::InvalidArgument(path + ": " + encoded.status().message());
   }

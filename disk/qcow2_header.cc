@@ -233,6 +233,17 @@ Status CheckTables(const Header& h, uint64_t file_size, const std::string& file)
   }
   KVBLK_RETURN_IF_ERROR(
       CheckTable(file, "refcount_table_offset", h.refcount_table_offset, rt_bytes, cs, file_size));
+  // The L1 and refcount tables must not share a cluster: an update of one
+  // would overwrite the other. (Both lie inside the file: no overflow.)
+  if (l1_bytes > 0) {
+    const uint64_t l1_end = h.l1_table_offset + (l1_bytes + cs - 1) / cs * cs;
+    const uint64_t rt_end = h.refcount_table_offset + rt_bytes;
+    if (h.l1_table_offset < rt_end && h.refcount_table_offset < l1_end) {
+      return Status::Corruption(file + ": l1_table_offset " + Hex(h.l1_table_offset) + " (" +
+                                Dec(l1_bytes) + " bytes) overlaps the refcount table at " +
+                                Hex(h.refcount_table_offset) + " (" + Dec(rt_bytes) + " bytes)");
+    }
+  }
   // Snapshot table.
   if (h.nb_snapshots > kMaxSnapshots) {
     return Status::Corruption(file + ": nb_snapshots " + Dec(h.nb_snapshots) +

@@ -22,7 +22,10 @@ iovec ZeroIovec(size_t len) {
   return {const_cast<uint8_t*>(ZeroBuffer().data()), len};
 }
 
-// Keeps host clusters registered as "I/O in flight" with the allocator.
+// Keeps host clusters registered as "I/O in flight" with the allocator, so
+// that they are not handed out again while a request still uses a mapping it
+// looked up. Take it right after the lookup, before the request can suspend
+// again: a racing discard plus flush could free the cluster meanwhile.
 class IoPin {
  public:
   IoPin(Allocator* a, uint64_t first_cluster, uint64_t count)
@@ -32,6 +35,8 @@ class IoPin {
   ~IoPin() {
     for (uint64_t i = 0; i < count_; ++i) a_->EndIo(first_ + i);
   }
+  // Pins the next cluster after the pinned range as well.
+  void Extend() { a_->BeginIo(first_ + count_++); }
   IoPin(const IoPin&) = delete;
   IoPin& operator=(const IoPin&) = delete;
 
@@ -116,11 +121,13 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
     size_t n = static_cast<size_t>(std::min(cluster_size_ - (pos & (cluster_size_ - 1)), end - pos));
     KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
     uint64_t k = 1;
+    IoPin pin(alloc_.get(), m.host >> cluster_bits_, m.type == Mapping::Type::kNormal ? 1 : 0);
     if (m.type == Mapping::Type::kNormal) {
       // Merge clusters that are contiguous on the host into one read.
       while (pos + n < end) {
         KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
         if (next.type != Mapping::Type::kNormal || next.host != m.host + k * cluster_size_) break;
+        pin.Extend();
         n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
         ++k;
       }
@@ -128,7 +135,6 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
     part.clear();
     SliceIov(all, pos - offset, n, &part);
     if (m.type == Mapping::Type::kNormal && k > 1) {
-      IoPin pin(alloc_.get(), m.host >> cluster_bits_, k);
       KVBLK_CO_RETURN_IF_ERROR(co_await file_->ReadV(part.data(), static_cast<int>(part.size()),
                                                      m.host + (pos & (cluster_size_ - 1))));
     } else {
@@ -220,18 +226,19 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
     uint64_t k = 1;
     if (m.type == Mapping::Type::kNormal && m.copied) {
       // In place: no cluster lock, merged over host-contiguous clusters.
+      IoPin pin(alloc_.get(), m.host >> cluster_bits_, 1);
       while (pos + n < end) {
         KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
         if (next.type != Mapping::Type::kNormal || !next.copied ||
             next.host != m.host + k * cluster_size_) {
           break;
         }
+        pin.Extend();
         n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
         ++k;
       }
       part.clear();
       SliceIov(data, pos - offset, n, &part);
-      IoPin pin(alloc_.get(), m.host >> cluster_bits_, k);
       KVBLK_CO_RETURN_IF_ERROR(co_await file_->WriteV(part.data(), static_cast<int>(part.size()),
                                                       m.host + (pos & (cluster_size_ - 1))));
       pos += n;

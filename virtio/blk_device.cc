@@ -49,7 +49,7 @@ std::string DefaultSerial(const std::string& path) {
 }
 
 Result<std::unique_ptr<VirtioBlkDevice>> CreateVirtioBlkDevice(BlockDevice& disk,
-                                                                const VirtioBlkOptions& opts) {
+                                                               const VirtioBlkOptions& opts) {
   auto dev = BlkDevice::Create(disk, opts);
   if (!dev.ok()) return dev.status();
   return std::unique_ptr<VirtioBlkDevice>(std::move(*dev));
@@ -70,8 +70,7 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::Create(BlockDevice& disk,
   }
   if (opts.seg_max == 0) opts.seg_max = std::max(1, opts.max_queue_size - 2);
   if (opts.max_discard_seg == 0 || opts.max_write_zeroes_seg == 0 ||
-      opts.max_discard_sectors == 0 || opts.max_write_zeroes_sectors == 0 ||
-      opts.size_max == 0) {
+      opts.max_discard_sectors == 0 || opts.max_write_zeroes_sectors == 0 || opts.size_max == 0) {
     return Status::InvalidArgument("virtio-blk: size and segment limits must be non-zero");
   }
   std::string serial = opts.serial;
@@ -254,8 +253,7 @@ VirtioStatus BlkDevice::EnableQueueChecked(int index) {
 }
 
 Status BlkDevice::EnableQueue(int index) {
-  return FromVirtio(EnableQueueChecked(index),
-                    "virtio-blk: enable queue " + std::to_string(index));
+  return FromVirtio(EnableQueueChecked(index), "virtio-blk: enable queue " + std::to_string(index));
 }
 
 Result<uint16_t> BlkDevice::StopQueue(int index) {
@@ -372,7 +370,14 @@ void BlkDevice::StartRequest(int index, DescriptorChain chain, const BlkLimits& 
   ++in_flight_;
   ++q.in_flight;
   const uint64_t generation = q.generation;
-  BlkRequest req = ParseBlkRequest(chain, lim);
+  BlkRequest req;
+  try {
+    req = ParseBlkRequest(chain, lim);
+  } catch (...) {
+    // Out of memory while parsing: hand the chain back without a status.
+    Complete(index, generation, chain.head, nullptr, 0, 0);
+    return;
+  }
   if (req.error) {
     ReportGuestError(index, *req.error);
     Complete(index, generation, req.head, req.status, req.error_status, req.used_len);
@@ -383,10 +388,16 @@ void BlkDevice::StartRequest(int index, DescriptorChain chain, const BlkLimits& 
   const uint32_t used_len = req.used_len;
   // The buffers stay mapped until the request is completed.
   std::shared_ptr<const GuestMemory> mem = q.vq->memory();
-  Spawn(Execute(std::move(req)),
-        [this, index, generation, head, status_ptr, used_len, mem](uint8_t status) {
-          Complete(index, generation, head, status_ptr, status, used_len);
-        });
+  try {
+    Spawn(Execute(std::move(req)),
+          [this, index, generation, head, status_ptr, used_len, mem](uint8_t status) {
+            Complete(index, generation, head, status_ptr, status, used_len);
+          });
+  } catch (...) {
+    // A coroutine frame could not be allocated, so nothing started (Execute
+    // itself never lets an exception out once running).
+    Complete(index, generation, head, status_ptr, vblk::kStatusIoErr, used_len);
+  }
 }
 
 Task<uint8_t> BlkDevice::Execute(BlkRequest req) {

@@ -36,8 +36,7 @@ namespace kvblk {
 class BlkDevice final : public VirtioBlkDevice {
  public:
   // InvalidArgument for bad options (see VirtioBlkOptions).
-  static Result<std::unique_ptr<BlkDevice>> Create(BlockDevice& disk,
-                                                   const VirtioBlkOptions& opts);
+  static Result<std::unique_ptr<BlkDevice>> Create(BlockDevice& disk, const VirtioBlkOptions& opts);
   ~BlkDevice() override;
 
   uint64_t features() const override { return offered_features_; }
@@ -61,9 +60,7 @@ class BlkDevice final : public VirtioBlkDevice {
 
   void Kick(int index) override;
   void PostKick(int index) override;
-  void SetInterruptCallback(std::function<void(int queue)> cb) override {
-    irq_ = std::move(cb);
-  }
+  void SetInterruptCallback(std::function<void(int queue)> cb) override { irq_ = std::move(cb); }
   void SetGuestErrorCallback(std::function<void(int queue, const char* error)> cb) override {
     guest_error_ = std::move(cb);
   }
@@ -108,8 +105,8 @@ class BlkDevice final : public VirtioBlkDevice {
   std::array<uint8_t, vblk::kConfigSize> BuildConfig() const;
   void StartRequest(int index, DescriptorChain chain, const BlkLimits& limits);
   Task<uint8_t> Execute(BlkRequest req);
-  void Complete(int index, uint64_t generation, uint16_t head, uint8_t* status_ptr,
-                uint8_t status, uint32_t used_len);
+  void Complete(int index, uint64_t generation, uint16_t head, uint8_t* status_ptr, uint8_t status,
+                uint32_t used_len);
   void BreakQueue(int index, VirtioError e);
   void ReportGuestError(int index, VirtioError e);
 

@@ -21,8 +21,7 @@ struct Piece {
 
 // Returns the pieces covering chain bytes [begin, end) of `segs` (only
 // non-empty segments).
-std::vector<Piece> Slice(const std::vector<DescriptorSegment>& segs, uint64_t begin,
-                         uint64_t end) {
+std::vector<Piece> Slice(const std::vector<DescriptorSegment>& segs, uint64_t begin, uint64_t end) {
   std::vector<Piece> out;
   uint64_t pos = 0;
   for (const DescriptorSegment& s : segs) {
@@ -57,13 +56,20 @@ bool SectorRangeOk(uint64_t sector, uint64_t count, uint64_t capacity) {
 
 BlkRequestType TypeOf(uint32_t raw) {
   switch (raw) {
-    case vblk::kTypeIn: return BlkRequestType::kIn;
-    case vblk::kTypeOut: return BlkRequestType::kOut;
-    case vblk::kTypeFlush: return BlkRequestType::kFlush;
-    case vblk::kTypeGetId: return BlkRequestType::kGetId;
-    case vblk::kTypeDiscard: return BlkRequestType::kDiscard;
-    case vblk::kTypeWriteZeroes: return BlkRequestType::kWriteZeroes;
-    default: return BlkRequestType::kUnsupported;  // GET_LIFETIME, SECURE_ERASE, zoned, ...
+    case vblk::kTypeIn:
+      return BlkRequestType::kIn;
+    case vblk::kTypeOut:
+      return BlkRequestType::kOut;
+    case vblk::kTypeFlush:
+      return BlkRequestType::kFlush;
+    case vblk::kTypeGetId:
+      return BlkRequestType::kGetId;
+    case vblk::kTypeDiscard:
+      return BlkRequestType::kDiscard;
+    case vblk::kTypeWriteZeroes:
+      return BlkRequestType::kWriteZeroes;
+    default:
+      return BlkRequestType::kUnsupported;  // GET_LIFETIME, SECURE_ERASE, zoned, ...
   }
 }
 
@@ -185,8 +191,8 @@ BlkRequest ParseBlkRequest(const DescriptorChain& chain, const BlkLimits& limits
   }
   if (last_writable < 0) {
     // Nowhere to put a status: the request can only be handed back.
-    req.error = total <= kHeaderSize ? VirtioError::kStatusMissing
-                                     : VirtioError::kStatusNotWritable;
+    req.error =
+        total <= kHeaderSize ? VirtioError::kStatusMissing : VirtioError::kStatusNotWritable;
     req.error_status = vblk::kStatusIoErr;
     return req;
   }

@@ -2,8 +2,6 @@
 //
 // Every entry point converts errors to -errno, records a message for
 // kvblk_last_error(), and lets no exception cross the C boundary.
-#include "kvblk/kvblk_c.h"
-
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -16,6 +14,7 @@
 
 #include "kvblk/block_device.h"
 #include "kvblk/event_loop.h"
+#include "kvblk/kvblk_c.h"
 #include "kvblk/virtio_blk.h"
 #include "virtio/blk_device.h"
 
@@ -28,9 +27,7 @@ struct kvblk_image {
 struct kvblk_dev {
   kvblk_image* image = nullptr;
   std::unique_ptr<kvblk::BlkDevice> device;
-  std::thread::id owner;
-  kvblk_irq_fn irq = nullptr;
-  void* irq_opaque = nullptr;
+  std::thread::id owner;  // the thread whose event loop runs the device
 };
 
 namespace {
@@ -45,15 +42,24 @@ int Fail(int err, std::string message) {
 int ErrnoOf(const kvblk::Status& st) {
   using kvblk::StatusCode;
   switch (st.code()) {
-    case StatusCode::kOk: return 0;
-    case StatusCode::kInvalidArgument: return EINVAL;
-    case StatusCode::kNotSupported: return ENOTSUP;
-    case StatusCode::kCorruption: return EINVAL;
-    case StatusCode::kIoError: return st.sys_errno() > 0 ? st.sys_errno() : EIO;
-    case StatusCode::kNoSpace: return ENOSPC;
-    case StatusCode::kNotFound: return ENOENT;
-    case StatusCode::kReadOnly: return EROFS;
-    case StatusCode::kBusy: return EBUSY;
+    case StatusCode::kOk:
+      return 0;
+    case StatusCode::kInvalidArgument:
+      return EINVAL;
+    case StatusCode::kNotSupported:
+      return ENOTSUP;
+    case StatusCode::kCorruption:
+      return EINVAL;
+    case StatusCode::kIoError:
+      return st.sys_errno() > 0 ? st.sys_errno() : EIO;
+    case StatusCode::kNoSpace:
+      return ENOSPC;
+    case StatusCode::kNotFound:
+      return ENOENT;
+    case StatusCode::kReadOnly:
+      return EROFS;
+    case StatusCode::kBusy:
+      return EBUSY;
   }
   return EIO;
 }
@@ -115,8 +121,8 @@ uint64_t kvblk_image_size(const kvblk_image* image) {
 int kvblk_close(kvblk_image* image) {
   if (image == nullptr) return Fail(EINVAL, "kvblk_close: NULL image");
   if (image->devices > 0) {
-    return Fail(EBUSY, "kvblk_close: " + std::to_string(image->devices) +
-                           " device(s) still use the image");
+    return Fail(
+        EBUSY, "kvblk_close: " + std::to_string(image->devices) + " device(s) still use the image");
   }
   return Guard([&] {
     std::unique_ptr<kvblk_image> owned(image);
@@ -183,8 +189,7 @@ int kvblk_dev_config_write(kvblk_dev* dev, uint32_t offset, const void* buf, uin
   return Guard([&] { return FromStatus(dev->device->WriteConfig(offset, buf, len)); });
 }
 
-int kvblk_dev_set_memory(kvblk_dev* dev, const struct kvblk_mem_region* regions,
-                         unsigned count) {
+int kvblk_dev_set_memory(kvblk_dev* dev, const struct kvblk_mem_region* regions, unsigned count) {
   if (dev == nullptr || regions == nullptr || count == 0) {
     return Fail(EINVAL, "kvblk_dev_set_memory: no regions");
   }
@@ -207,8 +212,8 @@ unsigned kvblk_dev_max_queue_size(const kvblk_dev* dev) {
   return dev != nullptr ? dev->device->max_queue_size() : 0;
 }
 
-int kvblk_dev_set_queue(kvblk_dev* dev, unsigned idx, uint16_t size, uint64_t desc,
-                        uint64_t avail, uint64_t used) {
+int kvblk_dev_set_queue(kvblk_dev* dev, unsigned idx, uint16_t size, uint64_t desc, uint64_t avail,
+                        uint64_t used) {
   if (dev == nullptr) return Fail(EINVAL, "kvblk_dev_set_queue: NULL device");
   if (idx >= static_cast<unsigned>(dev->device->num_queues())) {
     return Fail(EINVAL, "kvblk_dev_set_queue: no queue " + std::to_string(idx));
@@ -245,8 +250,6 @@ int kvblk_dev_kick(kvblk_dev* dev, unsigned idx) {
 
 void kvblk_dev_set_irq_callback(kvblk_dev* dev, kvblk_irq_fn cb, void* opaque) {
   if (dev == nullptr) return;
-  dev->irq = cb;
-  dev->irq_opaque = opaque;
   if (cb == nullptr) {
     dev->device->SetInterruptCallback(nullptr);
   } else {

@@ -29,50 +29,50 @@ enum class VirtioError : uint8_t {
 
   // Queue setup (transport-supplied, on behalf of the driver).
   kInvalidQueueIndex,
-  kInvalidQueueSize,   // zero, not a power of two, or above the device's maximum
-  kRingMisaligned,     // desc % 16, avail % 2 or used % 4 (spec 2.7, alignment table)
-  kQueueNotReady,      // the queue has no rings / no guest memory yet
+  kInvalidQueueSize,  // zero, not a power of two, or above the device's maximum
+  kRingMisaligned,    // desc % 16, avail % 2 or used % 4 (spec 2.7, alignment table)
+  kQueueNotReady,     // the queue has no rings / no guest memory yet
 
   // Ring-level: the queue can no longer be trusted (IsRingBroken).
-  kAvailIndexJumped,           // avail idx moved more than the queue size ahead
-  kAvailRingEntryOutOfRange,   // a head index in the avail ring >= queue size
+  kAvailIndexJumped,          // avail idx moved more than the queue size ahead
+  kAvailRingEntryOutOfRange,  // a head index in the avail ring >= queue size
 
   // Chain-level: this chain is malformed; others may be fine.
-  kDescriptorIndexOutOfRange,   // `next` beyond the (direct or indirect) table
-  kDescriptorLoop,              // the walk revisited a descriptor
-  kDescriptorChainTooLong,      // more descriptors than the queue size allows
-  kDescriptorChainTooLarge,     // total length above 2^32 - 1 bytes
-  kIndirectNotNegotiated,       // VIRTQ_DESC_F_INDIRECT without VIRTIO_F_INDIRECT_DESC
-  kNestedIndirectDescriptor,    // INDIRECT inside an indirect table
-  kIndirectDescriptorHasNext,   // INDIRECT together with NEXT
-  kBadIndirectTableLength,      // indirect table length zero or not a multiple of 16
+  kDescriptorIndexOutOfRange,  // `next` beyond the (direct or indirect) table
+  kDescriptorLoop,             // the walk revisited a descriptor
+  kDescriptorChainTooLong,     // more descriptors than the queue size allows
+  kDescriptorChainTooLarge,    // total length above 2^32 - 1 bytes
+  kIndirectNotNegotiated,      // VIRTQ_DESC_F_INDIRECT without VIRTIO_F_INDIRECT_DESC
+  kNestedIndirectDescriptor,   // INDIRECT inside an indirect table
+  kIndirectDescriptorHasNext,  // INDIRECT together with NEXT
+  kBadIndirectTableLength,     // indirect table length zero or not a multiple of 16
 
   // Request-level (virtio-blk).
-  kStatusMissing,               // the chain has no byte at all for the status
-  kStatusNotWritable,           // the status byte is in a device-readable buffer
-  kStatusMisplaced,             // device-readable buffers follow the last writable one
-  kDescriptorChainTooShort,     // fewer than 16 header bytes before the status
-  kHeaderNotReadable,           // header bytes in a device-writable buffer
-  kDataNotWritable,             // IN / GET_ID data in a device-readable buffer
-  kDataNotReadable,             // OUT / DISCARD / WRITE_ZEROES data in a device-writable buffer
-  kDataLengthNotSectorMultiple, // IN / OUT data not a multiple of 512 bytes
-  kSectorPastEnd,               // sector range beyond capacity (or overflowing)
-  kWriteToReadOnlyDevice,       // OUT to a device that offered VIRTIO_BLK_F_RO
-  kUnsupportedRequestType,      // unknown type, GET_LIFETIME, SECURE_ERASE, zoned, ...
-  kFeatureNotNegotiated,        // DISCARD / WRITE_ZEROES without the feature
-  kBadSegmentList,              // discard/write-zeroes data empty or not a multiple of 16
-  kTooManySegments,             // more segments than max_discard_seg / max_write_zeroes_seg
-  kTooManyDataSegments,         // more data buffers than seg_max
-  kSegmentTooLarge,             // num_sectors above max_discard_sectors / max_write_zeroes_sectors
-  kUnknownSegmentFlags,         // reserved flag bits set
-  kUnmapOnDiscard,              // unmap flag in a discard segment
+  kStatusMissing,                // the chain has no byte at all for the status
+  kStatusNotWritable,            // the status byte is in a device-readable buffer
+  kStatusMisplaced,              // device-readable buffers follow the last writable one
+  kDescriptorChainTooShort,      // fewer than 16 header bytes before the status
+  kHeaderNotReadable,            // header bytes in a device-writable buffer
+  kDataNotWritable,              // IN / GET_ID data in a device-readable buffer
+  kDataNotReadable,              // OUT / DISCARD / WRITE_ZEROES data in a device-writable buffer
+  kDataLengthNotSectorMultiple,  // IN / OUT data not a multiple of 512 bytes
+  kSectorPastEnd,                // sector range beyond capacity (or overflowing)
+  kWriteToReadOnlyDevice,        // OUT to a device that offered VIRTIO_BLK_F_RO
+  kUnsupportedRequestType,       // unknown type, GET_LIFETIME, SECURE_ERASE, zoned, ...
+  kFeatureNotNegotiated,         // DISCARD / WRITE_ZEROES without the feature
+  kBadSegmentList,               // discard/write-zeroes data empty or not a multiple of 16
+  kTooManySegments,              // more segments than max_discard_seg / max_write_zeroes_seg
+  kTooManyDataSegments,          // more data buffers than seg_max
+  kSegmentTooLarge,              // num_sectors above max_discard_sectors / max_write_zeroes_sectors
+  kUnknownSegmentFlags,          // reserved flag bits set
+  kUnmapOnDiscard,               // unmap flag in a discard segment
 
   // Feature negotiation and configuration space.
-  kFeatureNotOffered,           // driver accepted a bit the device did not offer
-  kLegacyDriverNotSupported,    // VIRTIO_F_VERSION_1 not accepted
-  kConfigAccessOutOfRange,      // offset/len outside the configuration space
-  kConfigFieldReadOnly,         // write to a configuration field other than writeback
-  kBadConfigValue,              // writeback not 0 or 1
+  kFeatureNotOffered,         // driver accepted a bit the device did not offer
+  kLegacyDriverNotSupported,  // VIRTIO_F_VERSION_1 not accepted
+  kConfigAccessOutOfRange,    // offset/len outside the configuration space
+  kConfigFieldReadOnly,       // write to a configuration field other than writeback
+  kBadConfigValue,            // writeback not 0 or 1
 };
 
 // "DescriptorLoop", "SectorPastEnd", ...: the enumerator without the k.

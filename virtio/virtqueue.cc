@@ -77,8 +77,7 @@ VirtioStatus Virtqueue::Resolve(const std::shared_ptr<const GuestMemory>& mem) {
   if (!used.ok()) return used.error();
   // The shared 16/32-bit fields are accessed atomically; that needs natural
   // alignment of the host addresses too, not only of the guest addresses.
-  if (reinterpret_cast<uintptr_t>(*avail) % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(*used) % 4 != 0) {
+  if (reinterpret_cast<uintptr_t>(*avail) % 2 != 0 || reinterpret_cast<uintptr_t>(*used) % 4 != 0) {
     return VirtioError::kRingMisaligned;
   }
   desc_ = *desc;
@@ -129,10 +128,12 @@ VirtioResult<std::optional<DescriptorChain>> Virtqueue::Pop() {
     broken_ = VirtioError::kAvailRingEntryOutOfRange;
     return *broken_;
   }
-  ++next_avail_;
   DescriptorChain chain;
   chain.head = head;
   WalkChain(head, &chain);
+  // Consumed only once the walk is done: if it throws (bad_alloc) the entry
+  // is still there for the next Pop.
+  ++next_avail_;
   return std::optional<DescriptorChain>(std::move(chain));
 }
 
@@ -213,11 +214,9 @@ bool Virtqueue::NeedsInterrupt() {
   signalled_valid_ = true;
   signalled_used_ = new_idx;
   if (!valid) return true;
-  uint16_t used_event =
-      AtomicLoad16(avail_ + kRingHeader + 2u * size_, std::memory_order_relaxed);
+  uint16_t used_event = AtomicLoad16(avail_ + kRingHeader + 2u * size_, std::memory_order_relaxed);
   // vring_need_event: used_event in [old_idx, new_idx), modulo 2^16.
-  return static_cast<uint16_t>(new_idx - used_event - 1) <
-         static_cast<uint16_t>(new_idx - old_idx);
+  return static_cast<uint16_t>(new_idx - used_event - 1) < static_cast<uint16_t>(new_idx - old_idx);
 }
 
 bool Virtqueue::EnableNotification() {

@@ -123,7 +123,7 @@ class Virtqueue {
   bool event_idx_ = false;
   uint32_t max_chain_ = 0;
 
-  const uint8_t* desc_ = nullptr;  // 16 * size
+  const uint8_t* desc_ = nullptr;   // 16 * size
   const uint8_t* avail_ = nullptr;  // flags, idx, ring[size], used_event
   uint8_t* used_ = nullptr;         // flags, idx, ring[size] {id, len}, avail_event
 

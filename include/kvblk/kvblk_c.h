@@ -111,8 +111,7 @@ int kvblk_dev_config_write(kvblk_dev *dev, uint32_t offset, const void *buf, uin
  * regions. The mappings must stay valid until the device is destroyed, or
  * until a later kvblk_dev_set_memory has returned and no request is in
  * flight. -EINVAL for an invalid region list. */
-int kvblk_dev_set_memory(kvblk_dev *dev, const struct kvblk_mem_region *regions,
-                         unsigned count);
+int kvblk_dev_set_memory(kvblk_dev *dev, const struct kvblk_mem_region *regions, unsigned count);
 
 unsigned kvblk_dev_num_queues(const kvblk_dev *dev);
 unsigned kvblk_dev_max_queue_size(const kvblk_dev *dev);
@@ -124,8 +123,8 @@ unsigned kvblk_dev_max_queue_size(const kvblk_dev *dev);
  * it again re-creates the queue from avail index 0; requests still in flight
  * on the old queue are not completed into the new one.
  * -EINVAL for a bad index, size, alignment or rings outside guest memory. */
-int kvblk_dev_set_queue(kvblk_dev *dev, unsigned idx, uint16_t size, uint64_t desc,
-                        uint64_t avail, uint64_t used);
+int kvblk_dev_set_queue(kvblk_dev *dev, unsigned idx, uint16_t size, uint64_t desc, uint64_t avail,
+                        uint64_t used);
 
 /* The driver notified queue `idx`: every available request is started. Safe
  * from any thread; from another thread the work is handed to the device's

@@ -40,7 +40,7 @@ namespace vblk {
 
 inline constexpr uint32_t kDeviceId = 2;
 inline constexpr uint32_t kSectorSize = 512;
-inline constexpr uint32_t kIdBytes = 20;         // VIRTIO_BLK_ID_BYTES
+inline constexpr uint32_t kIdBytes = 20;          // VIRTIO_BLK_ID_BYTES
 inline constexpr uint16_t kMaxQueueSize = 32768;  // split virtqueue limit
 
 constexpr uint64_t FeatureBit(int bit) { return uint64_t{1} << bit; }
@@ -82,19 +82,19 @@ inline constexpr uint8_t kStatusUnsupp = 2;
 inline constexpr uint32_t kSegmentFlagUnmap = 1;
 
 // struct virtio_blk_config byte offsets (5.2.4); little-endian fields.
-inline constexpr uint32_t kCfgCapacity = 0;           // le64
-inline constexpr uint32_t kCfgSizeMax = 8;            // le32
-inline constexpr uint32_t kCfgSegMax = 12;            // le32
-inline constexpr uint32_t kCfgGeometryCylinders = 16; // le16
-inline constexpr uint32_t kCfgGeometryHeads = 18;     // u8
-inline constexpr uint32_t kCfgGeometrySectors = 19;   // u8
-inline constexpr uint32_t kCfgBlkSize = 20;           // le32
-inline constexpr uint32_t kCfgPhysicalBlockExp = 24;  // u8
-inline constexpr uint32_t kCfgAlignmentOffset = 25;   // u8
-inline constexpr uint32_t kCfgMinIoSize = 26;         // le16
-inline constexpr uint32_t kCfgOptIoSize = 28;         // le32
-inline constexpr uint32_t kCfgWriteback = 32;         // u8 (the only writable field)
-inline constexpr uint32_t kCfgNumQueues = 34;         // le16
+inline constexpr uint32_t kCfgCapacity = 0;                 // le64
+inline constexpr uint32_t kCfgSizeMax = 8;                  // le32
+inline constexpr uint32_t kCfgSegMax = 12;                  // le32
+inline constexpr uint32_t kCfgGeometryCylinders = 16;       // le16
+inline constexpr uint32_t kCfgGeometryHeads = 18;           // u8
+inline constexpr uint32_t kCfgGeometrySectors = 19;         // u8
+inline constexpr uint32_t kCfgBlkSize = 20;                 // le32
+inline constexpr uint32_t kCfgPhysicalBlockExp = 24;        // u8
+inline constexpr uint32_t kCfgAlignmentOffset = 25;         // u8
+inline constexpr uint32_t kCfgMinIoSize = 26;               // le16
+inline constexpr uint32_t kCfgOptIoSize = 28;               // le32
+inline constexpr uint32_t kCfgWriteback = 32;               // u8 (the only writable field)
+inline constexpr uint32_t kCfgNumQueues = 34;               // le16
 inline constexpr uint32_t kCfgMaxDiscardSectors = 36;       // le32
 inline constexpr uint32_t kCfgMaxDiscardSeg = 40;           // le32
 inline constexpr uint32_t kCfgDiscardSectorAlignment = 44;  // le32
@@ -139,9 +139,9 @@ struct VirtioBlkOptions {
   // same image gets the same serial on every run.
   std::string serial;
   std::string image_path;
-  bool read_only = false;  // offer VIRTIO_BLK_F_RO even if the disk is writable
-  bool writeback = true;   // cache mode after reset (config field writeback)
-  uint32_t seg_max = 0;    // max data buffers per request; 0: max_queue_size - 2
+  bool read_only = false;        // offer VIRTIO_BLK_F_RO even if the disk is writable
+  bool writeback = true;         // cache mode after reset (config field writeback)
+  uint32_t seg_max = 0;          // max data buffers per request; 0: max_queue_size - 2
   uint32_t size_max = 1u << 20;  // max bytes per buffer (advisory)
   uint32_t max_discard_sectors = 1u << 22;
   uint32_t max_discard_seg = 16;
@@ -229,7 +229,7 @@ class VirtioBlkDevice {
 // Creates a device over `disk`, which must outlive it. InvalidArgument on
 // bad options (queue counts and sizes, serial).
 Result<std::unique_ptr<VirtioBlkDevice>> CreateVirtioBlkDevice(BlockDevice& disk,
-                                                                const VirtioBlkOptions& opts);
+                                                               const VirtioBlkOptions& opts);
 
 }  // namespace kvblk
 

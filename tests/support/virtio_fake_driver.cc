@@ -105,8 +105,8 @@ void FakeVirtqueue::WriteDesc(uint16_t index, uint64_t addr, uint32_t len, uint1
 
 uint64_t FakeVirtqueue::AllocTable(uint32_t entries) { return guest_.Alloc(16u * entries, 16); }
 
-void FakeVirtqueue::WriteTableDesc(uint64_t table_gpa, uint32_t index, uint64_t addr,
-                                   uint32_t len, uint16_t flags, uint16_t next) {
+void FakeVirtqueue::WriteTableDesc(uint64_t table_gpa, uint32_t index, uint64_t addr, uint32_t len,
+                                   uint16_t flags, uint16_t next) {
   PutDesc(guest_.Host(table_gpa + 16u * index), addr, len, flags, next);
 }
 
@@ -196,9 +196,7 @@ std::vector<uint8_t> BlkSegment(uint64_t sector, uint32_t num_sectors, uint32_t 
   return s;
 }
 
-uint8_t BlkStatus(FakeGuest& guest, const FakeBlkRequest& r) {
-  return *guest.Host(r.status_gpa);
-}
+uint8_t BlkStatus(FakeGuest& guest, const FakeBlkRequest& r) { return *guest.Host(r.status_gpa); }
 
 FakeBlkRequest PrepareBlk(FakeGuest& guest, uint32_t type, uint64_t sector,
                           const std::vector<uint8_t>& out, uint32_t in_len) {

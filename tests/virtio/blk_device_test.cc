@@ -122,8 +122,8 @@ class BlkDeviceTest : public ::testing::Test {
   }
 
   // Runs one request to completion and returns its status byte.
-  uint8_t RunOne(uint32_t type, uint64_t sector, const std::vector<uint8_t>& out,
-                 uint32_t in_len, BlkLayout layout = BlkLayout::kSplit) {
+  uint8_t RunOne(uint32_t type, uint64_t sector, const std::vector<uint8_t>& out, uint32_t in_len,
+                 BlkLayout layout = BlkLayout::kSplit) {
     FakeBlkRequest r = Submit(type, sector, out, in_len, layout);
     Run();
     auto used = q().TakeUsed();
@@ -231,10 +231,10 @@ TEST_F(BlkDeviceTest, WriteZeroesZeroesEverySegment) {
   EXPECT_EQ(Disk(200 * 512, 8 * 512), std::vector<uint8_t>(8 * 512, 0));
   // Neighbours untouched.
   auto pattern = PatternBytes(kDiskSize, 7);
-  EXPECT_EQ(Disk(9 * 512, 512), std::vector<uint8_t>(pattern.begin() + 9 * 512,
-                                                      pattern.begin() + 10 * 512));
-  EXPECT_EQ(Disk(14 * 512, 512), std::vector<uint8_t>(pattern.begin() + 14 * 512,
-                                                       pattern.begin() + 15 * 512));
+  EXPECT_EQ(Disk(9 * 512, 512),
+            std::vector<uint8_t>(pattern.begin() + 9 * 512, pattern.begin() + 10 * 512));
+  EXPECT_EQ(Disk(14 * 512, 512),
+            std::vector<uint8_t>(pattern.begin() + 14 * 512, pattern.begin() + 15 * 512));
 }
 
 TEST_F(BlkDeviceTest, DiscardSucceeds) {
@@ -387,12 +387,12 @@ TEST_F(BlkDeviceTest, RejectsChainLongerThanQueue) {
 TEST_F(BlkDeviceTest, BufferOutsideGuestMemoryGetsIoErr) {
   // A data buffer wholly outside guest memory...
   FakeBlkRequest a = testing::PrepareBlk(guest_, vblk::kTypeIn, 0, {}, 512);
-  q().Publish(q().AddChain({{a.header_gpa, 16, false}, {guest_.end() + 0x1000, 512, true},
-                            {a.status_gpa, 1, true}}));
+  q().Publish(q().AddChain(
+      {{a.header_gpa, 16, false}, {guest_.end() + 0x1000, 512, true}, {a.status_gpa, 1, true}}));
   // ... and one that starts inside but runs past its end.
   FakeBlkRequest b = testing::PrepareBlk(guest_, vblk::kTypeIn, 0, {}, 512);
-  q().Publish(q().AddChain({{b.header_gpa, 16, false}, {guest_.end() - 100, 512, true},
-                            {b.status_gpa, 1, true}}));
+  q().Publish(q().AddChain(
+      {{b.header_gpa, 16, false}, {guest_.end() - 100, 512, true}, {b.status_gpa, 1, true}}));
   Run();
   auto used = q().TakeUsed();
   ASSERT_EQ(used.size(), 2u);
@@ -416,8 +416,8 @@ TEST_F(BlkDeviceTest, MissingStatusByteReturnsChainWithLengthZero) {
 
 TEST_F(BlkDeviceTest, ReadOnlyStatusByteIsNeverWritten) {
   FakeBlkRequest r = testing::PrepareBlk(guest_, vblk::kTypeOut, 0, PatternBytes(512, 1), 0);
-  uint16_t h = q().AddChain({{r.header_gpa, 16, false}, {r.data_gpa, 512, false},
-                             {r.status_gpa, 1, false}});
+  uint16_t h =
+      q().AddChain({{r.header_gpa, 16, false}, {r.data_gpa, 512, false}, {r.status_gpa, 1, false}});
   q().Publish(h);
   auto before = Disk(0, 512);
   Run();
@@ -432,8 +432,8 @@ TEST_F(BlkDeviceTest, ReadOnlyStatusByteIsNeverWritten) {
 
 TEST_F(BlkDeviceTest, MisplacedStatusGetsIoErr) {
   FakeBlkRequest r = testing::PrepareBlk(guest_, vblk::kTypeOut, 0, PatternBytes(512, 1), 0);
-  q().Publish(q().AddChain({{r.header_gpa, 16, false}, {r.status_gpa, 1, true},
-                            {r.data_gpa, 512, false}}));
+  q().Publish(
+      q().AddChain({{r.header_gpa, 16, false}, {r.status_gpa, 1, true}, {r.data_gpa, 512, false}}));
   Run();
   ASSERT_EQ(q().TakeUsed().size(), 1u);
   EXPECT_EQ(BlkStatus(guest_, r), vblk::kStatusIoErr);
@@ -443,8 +443,8 @@ TEST_F(BlkDeviceTest, MisplacedStatusGetsIoErr) {
 TEST_F(BlkDeviceTest, ReadIntoReadOnlyBufferGetsIoErr) {
   FakeBlkRequest r = testing::PrepareBlk(guest_, vblk::kTypeIn, 0, {}, 512);
   std::vector<uint8_t> zeros(512, 0);
-  q().Publish(q().AddChain({{r.header_gpa, 16, false}, {r.data_gpa, 512, false},
-                            {r.status_gpa, 1, true}}));
+  q().Publish(
+      q().AddChain({{r.header_gpa, 16, false}, {r.data_gpa, 512, false}, {r.status_gpa, 1, true}}));
   Run();
   ASSERT_EQ(q().TakeUsed().size(), 1u);
   EXPECT_EQ(BlkStatus(guest_, r), vblk::kStatusIoErr);
@@ -586,10 +586,9 @@ TEST_F(BlkDeviceTest, NewMemoryMapReleasesTheOldOneWhenUnused) {
 
 TEST_F(BlkDeviceTest, OffersTheExpectedFeatures) {
   uint64_t want = 0;
-  for (int bit : {vblk::kFSizeMax, vblk::kFSegMax, vblk::kFBlkSize, vblk::kFTopology,
-                  vblk::kFFlush, vblk::kFConfigWce, vblk::kFMq, vblk::kFDiscard,
-                  vblk::kFWriteZeroes, vblk::kFVersion1, vblk::kFIndirectDesc,
-                  vblk::kFEventIdx}) {
+  for (int bit : {vblk::kFSizeMax, vblk::kFSegMax, vblk::kFBlkSize, vblk::kFTopology, vblk::kFFlush,
+                  vblk::kFConfigWce, vblk::kFMq, vblk::kFDiscard, vblk::kFWriteZeroes,
+                  vblk::kFVersion1, vblk::kFIndirectDesc, vblk::kFEventIdx}) {
     want |= FeatureBit(bit);
   }
   EXPECT_EQ(dev_->features(), want);
@@ -609,26 +608,26 @@ TEST_F(BlkDeviceTest, ConfigSpaceLayoutIsByteExact) {
     for (int i = n - 1; i >= 0; --i) v = (v << 8) | c[off + i];
     return v;
   };
-  EXPECT_EQ(le(0, 8), kDiskSize / 512);  // capacity
-  EXPECT_EQ(le(8, 4), 1u << 20);          // size_max
-  EXPECT_EQ(le(12, 4), kQueueSize - 2u);  // seg_max
+  EXPECT_EQ(le(0, 8), kDiskSize / 512);               // capacity
+  EXPECT_EQ(le(8, 4), 1u << 20);                      // size_max
+  EXPECT_EQ(le(12, 4), kQueueSize - 2u);              // seg_max
   EXPECT_EQ(le(16, 2), kDiskSize / 512 / (16 * 63));  // cylinders
-  EXPECT_EQ(c[18], 16);                   // heads
-  EXPECT_EQ(c[19], 63);                   // sectors
-  EXPECT_EQ(le(20, 4), 512u);             // blk_size
-  EXPECT_EQ(c[24], 0);                    // physical_block_exp
-  EXPECT_EQ(c[25], 0);                    // alignment_offset
-  EXPECT_EQ(le(26, 2), 1u);               // min_io_size
-  EXPECT_EQ(le(28, 4), 0u);               // opt_io_size (raw: none)
-  EXPECT_EQ(c[32], 1);                    // writeback
-  EXPECT_EQ(c[33], 0);                    // unused0
-  EXPECT_EQ(le(34, 2), 1u);               // num_queues
-  EXPECT_EQ(le(36, 4), 1u << 22);         // max_discard_sectors
-  EXPECT_EQ(le(40, 4), 16u);              // max_discard_seg
-  EXPECT_EQ(le(44, 4), 8u);               // discard_sector_alignment (4 KiB)
-  EXPECT_EQ(le(48, 4), 1u << 22);         // max_write_zeroes_sectors
-  EXPECT_EQ(le(52, 4), 16u);              // max_write_zeroes_seg
-  EXPECT_EQ(c[56], 1);                    // write_zeroes_may_unmap
+  EXPECT_EQ(c[18], 16);                               // heads
+  EXPECT_EQ(c[19], 63);                               // sectors
+  EXPECT_EQ(le(20, 4), 512u);                         // blk_size
+  EXPECT_EQ(c[24], 0);                                // physical_block_exp
+  EXPECT_EQ(c[25], 0);                                // alignment_offset
+  EXPECT_EQ(le(26, 2), 1u);                           // min_io_size
+  EXPECT_EQ(le(28, 4), 0u);                           // opt_io_size (raw: none)
+  EXPECT_EQ(c[32], 1);                                // writeback
+  EXPECT_EQ(c[33], 0);                                // unused0
+  EXPECT_EQ(le(34, 2), 1u);                           // num_queues
+  EXPECT_EQ(le(36, 4), 1u << 22);                     // max_discard_sectors
+  EXPECT_EQ(le(40, 4), 16u);                          // max_discard_seg
+  EXPECT_EQ(le(44, 4), 8u);                           // discard_sector_alignment (4 KiB)
+  EXPECT_EQ(le(48, 4), 1u << 22);                     // max_write_zeroes_sectors
+  EXPECT_EQ(le(52, 4), 16u);                          // max_write_zeroes_seg
+  EXPECT_EQ(c[56], 1);                                // write_zeroes_may_unmap
   for (size_t i = 57; i < 96; ++i) EXPECT_EQ(c[i], 0) << "byte " << i;
   // Partial, unaligned reads see the same bytes.
   uint8_t nq[2];
@@ -637,8 +636,7 @@ TEST_F(BlkDeviceTest, ConfigSpaceLayoutIsByteExact) {
   uint8_t cap_hi[3];
   ASSERT_TRUE(dev_->ReadConfig(1, cap_hi, 3).ok());
   EXPECT_EQ(cap_hi[0], c[1]);
-  EXPECT_EQ(dev_->ReadConfigChecked(90, c.data(), 7).error(),
-            VirtioError::kConfigAccessOutOfRange);
+  EXPECT_EQ(dev_->ReadConfigChecked(90, c.data(), 7).error(), VirtioError::kConfigAccessOutOfRange);
   EXPECT_EQ(dev_->ReadConfigChecked(UINT32_MAX, c.data(), 2).error(),
             VirtioError::kConfigAccessOutOfRange);
 }
@@ -649,8 +647,7 @@ TEST_F(BlkDeviceTest, OnlyWritebackIsWritable) {
   EXPECT_EQ(dev_->WriteConfigChecked(0, &cap, 8).error(), VirtioError::kConfigFieldReadOnly);
   EXPECT_EQ(dev_->WriteConfigChecked(vblk::kCfgWriteback, &two, 1).error(),
             VirtioError::kBadConfigValue);
-  EXPECT_EQ(dev_->WriteConfigChecked(100, &zero, 1).error(),
-            VirtioError::kConfigAccessOutOfRange);
+  EXPECT_EQ(dev_->WriteConfigChecked(100, &zero, 1).error(), VirtioError::kConfigAccessOutOfRange);
   ASSERT_TRUE(dev_->WriteConfig(vblk::kCfgWriteback, &zero, 1).ok());
   uint8_t wb = 1;
   ASSERT_TRUE(dev_->ReadConfig(vblk::kCfgWriteback, &wb, 1).ok());

@@ -222,8 +222,7 @@ TEST(BlkRequest, DataMustBeWholeSectors) {
   b.Header(vblk::kTypeIn, 0);
   b.Add(700, true);
   b.Add(1, true);
-  EXPECT_EQ(ParseBlkRequest(b.chain(), Limits()).error,
-            VirtioError::kDataLengthNotSectorMultiple);
+  EXPECT_EQ(ParseBlkRequest(b.chain(), Limits()).error, VirtioError::kDataLengthNotSectorMultiple);
 }
 
 TEST(BlkRequest, SectorRangePastCapacityIsIoErr) {
@@ -337,13 +336,16 @@ TEST(BlkRequest, SegmentRulesGiveUnsuppOrIoErr) {
   };
   const std::vector<Case> cases = {
       {vblk::kTypeDiscard, {{0, 8, 1}}, VirtioError::kUnmapOnDiscard, vblk::kStatusUnsupp},
-      {vblk::kTypeWriteZeroes, {{0, 8, 2}}, VirtioError::kUnknownSegmentFlags,
-       vblk::kStatusUnsupp},
-      {vblk::kTypeDiscard, {{0, 8, 0}, {8, 8, 0}, {16, 8, 0}}, VirtioError::kTooManySegments,
+      {vblk::kTypeWriteZeroes, {{0, 8, 2}}, VirtioError::kUnknownSegmentFlags, vblk::kStatusUnsupp},
+      {vblk::kTypeDiscard,
+       {{0, 8, 0}, {8, 8, 0}, {16, 8, 0}},
+       VirtioError::kTooManySegments,
        vblk::kStatusIoErr},
       {vblk::kTypeWriteZeroes, {{0, 257, 0}}, VirtioError::kSegmentTooLarge, vblk::kStatusIoErr},
       {vblk::kTypeDiscard, {{2000, 49, 0}}, VirtioError::kSectorPastEnd, vblk::kStatusIoErr},
-      {vblk::kTypeWriteZeroes, {{UINT64_MAX - 1, 4, 0}}, VirtioError::kSectorPastEnd,
+      {vblk::kTypeWriteZeroes,
+       {{UINT64_MAX - 1, 4, 0}},
+       VirtioError::kSectorPastEnd,
        vblk::kStatusIoErr},
       {vblk::kTypeDiscard, {}, VirtioError::kBadSegmentList, vblk::kStatusIoErr},
   };

@@ -1,8 +1,6 @@
 // An example VMM, as a test: it owns guest RAM and a split virtqueue, drives
 // a kvblk device only through the C API (kvblk_c.h), writes to a qcow2 image
 // and reads the data back, as a kvmtool-style embedder would.
-#include "kvblk/kvblk_c.h"
-
 #include <errno.h>
 #include <gtest/gtest.h>
 
@@ -13,6 +11,7 @@
 #include <vector>
 
 #include "kvblk/image_create.h"
+#include "kvblk/kvblk_c.h"
 #include "tests/support/test_util.h"
 
 namespace {

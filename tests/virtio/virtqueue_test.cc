@@ -26,8 +26,7 @@ std::shared_ptr<const GuestMemory> MemoryOf(FakeGuest& g) {
   return *m;
 }
 
-Virtqueue MakeQueue(FakeGuest& g, FakeVirtqueue& fq, bool indirect = true,
-                    bool event_idx = false) {
+Virtqueue MakeQueue(FakeGuest& g, FakeVirtqueue& fq, bool indirect = true, bool event_idx = false) {
   auto q = Virtqueue::Create(MemoryOf(g), fq.address(), indirect, event_idx);
   EXPECT_TRUE(q.ok()) << VirtioErrorName(q.error());
   return std::move(q).value();
@@ -64,9 +63,9 @@ TEST(GuestMemory, TranslatesOnlyRangesInsideOneRegion) {
 
 TEST(GuestMemory, RejectsOverlappingAndDegenerateRegions) {
   std::vector<uint8_t> a(8192);
-  EXPECT_EQ(GuestMemory::Create({{0x1000, 8192, a.data(), false}, {0x2000, 16, a.data(), false}})
-                .error(),
-            VirtioError::kInvalidMemoryLayout);
+  EXPECT_EQ(
+      GuestMemory::Create({{0x1000, 8192, a.data(), false}, {0x2000, 16, a.data(), false}}).error(),
+      VirtioError::kInvalidMemoryLayout);
   EXPECT_EQ(GuestMemory::Create({{0x1000, 0, a.data(), false}}).error(),
             VirtioError::kInvalidMemoryLayout);
   EXPECT_EQ(GuestMemory::Create({{0x1000, 16, nullptr, false}}).error(),
@@ -108,8 +107,7 @@ TEST(Virtqueue, RejectsBadSizeMisalignedRingsAndRingsOutsideMemory) {
   EXPECT_EQ(Virtqueue::Create(mem, a, true, true).error(), VirtioError::kRingMisaligned);
   a = fq.address();
   a.used_gpa = g.end() - 16;  // the used ring runs off the end of guest RAM
-  EXPECT_EQ(Virtqueue::Create(mem, a, true, true).error(),
-            VirtioError::kAddressOutsideGuestMemory);
+  EXPECT_EQ(Virtqueue::Create(mem, a, true, true).error(), VirtioError::kAddressOutsideGuestMemory);
 }
 
 // ---- Chains --------------------------------------------------------------------
@@ -338,8 +336,8 @@ TEST(Virtqueue, RejectsChainOfMoreThanFourGiB) {
   ASSERT_TRUE(mem.ok());
   auto q = Virtqueue::Create(*mem, fq.address(), true, false);
   ASSERT_TRUE(q.ok());
-  fq.Publish(fq.AddChain({{0x100000000ull, 0x80000000u, false},
-                          {0x180000000ull, 0x80000000u, false}}));
+  fq.Publish(
+      fq.AddChain({{0x100000000ull, 0x80000000u, false}, {0x180000000ull, 0x80000000u, false}}));
   auto r = q->Pop();
   ASSERT_TRUE(r.ok());
   EXPECT_EQ((*r)->error, VirtioError::kDescriptorChainTooLarge);
@@ -427,7 +425,7 @@ TEST(Virtqueue, EventIdxInterruptsOnlyWhenUsedIndexPassesUsedEvent) {
   FakeVirtqueue fq(g, 8);
   Virtqueue q = MakeQueue(g, fq, true, /*event_idx=*/true);
   fq.SetAvailFlags(kVirtqAvailFNoInterrupt);  // must be ignored with EVENT_IDX
-  fq.SetUsedEvent(3);  // interrupt once entry 3 is used (used idx reaches 4)
+  fq.SetUsedEvent(3);                         // interrupt once entry 3 is used (used idx reaches 4)
   q.Push(0, 1);
   EXPECT_TRUE(q.NeedsInterrupt());  // first decision: nothing signalled yet
   q.Push(1, 1);

@@ -12,16 +12,19 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 echo "== unit tests ($BUILD/tests/unit_tests)"
-if "$BUILD/tests/unit_tests" --gtest_brief=1 >"$log" 2>&1; then :; fi
-cat "$log" | tail -n 40
+if "$BUILD/tests/unit_tests" --gtest_brief=1 >"$log" 2>&1; then urc=0; else urc=$?; fi
+tail -n 40 "$log"
 p=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
-f=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+# Failed tests are listed by name, one line each.
+f=$(grep -E '^\[  FAILED  \] [A-Za-z_]' "$log" | sort -u | wc -l)
 total=$(sed -n 's/^\[==========\] \([0-9]*\) tests\? from .* ran.*/\1/p' "$log" | tail -1)
 p=${p:-0}
-f=${f:-0}
 if [ -z "$total" ]; then
-  echo "unit tests did not run to completion"
+  echo "not ok - unit tests did not run to completion (exit status $urc)"
   f=$((f + 1))
+elif [ "$urc" -ne 0 ] && [ "$f" -eq 0 ]; then
+  echo "not ok - unit tests exited with status $urc"
+  f=1
 fi
 passed=$((passed + p))
 failed=$((failed + f))

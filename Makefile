@@ -31,7 +31,7 @@ LIB_SO  := $(BUILD)/libkvblk.so
 CLI     := $(BUILD)/kvblk
 UNIT    := $(BUILD)/tests/unit_tests
 
-.PHONY: all deps test unit interop asan tsan install clean help format
+.PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick
 
 all: $(CLI) $(LIB_A) $(LIB_SO)
 
@@ -41,6 +41,9 @@ help:
 	@echo "make test       deps + build + unit tests + interop tests against qemu-img/qemu-io"
 	@echo "make asan|tsan  the same tests on an AddressSanitizer/ThreadSanitizer build"
 	@echo "make install    install into \$$DESTDIR\$$PREFIX (default /usr/local)"
+	@echo "make perf       build the fio engines (build/perf/fio-kvblk.so, fio-vhost-user.so)"
+	@echo "make bench      full fio matrix: raw vs kvblk vs qemu-storage-daemon (perf/results/)"
+	@echo "make bench-quick  a reduced matrix in a few minutes"
 
 deps:
 	@tools/deps.sh
@@ -85,6 +88,15 @@ install: all
 	install -m 755 $(LIB_SO) $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/kvblk/*.h $(DESTDIR)$(PREFIX)/include/kvblk/
 	sed -e 's|@PREFIX@|$(PREFIX)|g' tools/kvblk.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvblk.pc
+
+perf: $(LIB_A)
+	@$(MAKE) --no-print-directory -f perf/Makefile BUILD=$(BUILD) perf
+
+bench:
+	@perf/bench.sh --build $(BUILD)
+
+bench-quick:
+	@perf/bench.sh --build $(BUILD) --quick
 
 format:
 	clang-format -i $(LIB_SRCS) $(TOOL_SRCS) $(TEST_SRCS) disk/*.h virtio/*.h include/kvblk/*.h

@@ -1,0 +1,633 @@
+#!/usr/bin/env python3
+"""Runs kvblk's fio benchmark matrix side by side and writes the results.
+
+Backends, each driven by the same fio job:
+  raw    fio's io_uring engine on a raw file (the limit)
+  kvblk  kvblk's disk layer in the fio process (build/perf/fio-kvblk.so)
+  qemu   qemu-storage-daemon serving the same qcow2 image over vhost-user-blk
+         (build/perf/fio-vhost-user.so plays the VMM)
+  serve  `kvblk serve` over vhost-user-blk, when build/kvblk has `serve`
+
+Every backend uses O_DIRECT (cache=none) and io_uring. Results go to
+perf/results/<date>.json, perf/results/latest.md and a PNG chart. Called by
+perf/bench.sh, which builds everything first; see docs/bench.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# {l2_opt} is "--l2-cache-size=N " when `kvblk serve --help` lists that
+# option, else empty (serve then uses its default, a cache covering the disk).
+DEFAULT_SERVE_CMD = "{kvblk} serve --socket={socket} --cache=none -f qcow2 {l2_opt}{image}"
+
+# Image sizes (virtual). "pre" images are fully preallocated (data on disk);
+# "empty" images are created fresh before every run; "big" is an 8 GiB image
+# with preallocated metadata only, read through a small L2 cache.
+PRE_SIZE = 1 * GiB
+EMPTY_SIZE = 4 * GiB
+MIX_SIZE = 256 * MiB
+BIG_SIZE = 8 * GiB
+
+
+def group(name, image, rw, bs, iodepth, **extra):
+    g = {"name": name, "image": image, "rw": rw, "bs": bs, "iodepth": iodepth}
+    g.update(extra)
+    return g
+
+
+# A job is one fio run: one or more groups (fio job sections) that run at
+# the same time, each on its own image.
+JOBS = [
+    {"name": "randread-4k-qd1", "groups": [group("randread-4k-qd1", "pre", "randread", "4k", 1)]},
+    {"name": "randread-4k-qd32", "groups": [group("randread-4k-qd32", "pre", "randread", "4k", 32)]},
+    {"name": "randwrite-4k-qd1", "groups": [group("randwrite-4k-qd1", "pre", "randwrite", "4k", 1)]},
+    {"name": "randwrite-4k-qd32",
+     "groups": [group("randwrite-4k-qd32", "pre", "randwrite", "4k", 32)]},
+    {"name": "randwrite-4k-qd32-empty",
+     "groups": [group("randwrite-4k-qd32-empty", "empty", "randwrite", "4k", 32)]},
+    {"name": "seqread-1M-qd8", "groups": [group("seqread-1M-qd8", "pre", "read", "1M", 8)]},
+    {"name": "seqwrite-1M-qd8", "groups": [group("seqwrite-1M-qd8", "pre", "write", "1M", 8)]},
+    {"name": "mixed", "cluster_sizes": [64 * KiB], "groups": [
+        group("mixed/seq-128k-qd4", "mix-seq", "read", "128k", 4),
+        group("mixed/randrw-4k-qd8", "mix-rand", "randrw", "4k", 8, rwmixread=70),
+        group("mixed/randread-4k-qd8-smallL2", "big", "randread", "4k", 8, small_l2=True),
+        group("mixed/fsync-4k-qd1", "mix-sync", "randwrite", "4k", 1, fsync=1),
+    ]},
+]
+QUICK_SKIP = set()  # the quick run has every job, at one cluster size
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def human_size(n):
+    for unit, div in (("G", GiB), ("M", MiB), ("k", KiB)):
+        if n % div == 0 and n >= div:
+            return "%d%s" % (n // div, unit)
+    return str(n)
+
+
+def l2_covering(size, cluster):
+    """L2 cache bytes that cover the whole disk (8 bytes per cluster)."""
+    need = -(-size // cluster) * 8
+    return max(2 * cluster, -(-need // cluster) * cluster)
+
+
+def l2_small(cluster):
+    """The smallest L2 cache QEMU accepts: two tables."""
+    return 2 * cluster
+
+
+class Images:
+    """Creates and caches the benchmark images under `root`."""
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def _create(self, path, fmt, size, cluster=None, prealloc="off", fresh=False):
+        spec = {"fmt": fmt, "size": size, "cluster": cluster, "prealloc": prealloc}
+        stamp = path + ".spec"
+        if not fresh and os.path.exists(path) and os.path.exists(stamp):
+            with open(stamp) as f:
+                if json.load(f) == spec:
+                    return path
+        for p in (path, stamp):
+            if os.path.exists(p):
+                os.unlink(p)
+        opts = []
+        if fmt == "qcow2":
+            opts.append("cluster_size=%d" % cluster)
+        if prealloc != "off":
+            opts.append("preallocation=" + prealloc)
+        cmd = ["qemu-img", "create", "-q", "-f", fmt]
+        if opts:
+            cmd += ["-o", ",".join(opts)]
+        run(cmd + [path, str(size)])
+        if not fresh:
+            with open(stamp, "w") as f:
+                json.dump(spec, f)
+        return path
+
+    def path(self, kind, fmt, cluster, fresh=False):
+        """The image of `kind` (pre, empty, mix-*, big) for a backend format."""
+        cs = human_size(cluster) if fmt == "qcow2" else "raw"
+        ext = "qcow2" if fmt == "qcow2" else "img"
+        name = os.path.join(self.root, "%s-%s.%s" % (kind, cs, ext))
+        if kind == "pre":
+            return self._create(name, fmt, PRE_SIZE, cluster, "full")
+        if kind.startswith("mix-"):
+            return self._create(name, fmt, MIX_SIZE, cluster, "full")
+        if kind == "big":
+            return self._create(name, fmt, BIG_SIZE, cluster,
+                                "metadata" if fmt == "qcow2" else "off")
+        if kind == "empty":
+            return self._create(name, fmt, EMPTY_SIZE, cluster, "off", fresh=True)
+        raise ValueError(kind)
+
+    @staticmethod
+    def size(kind):
+        return {"pre": PRE_SIZE, "empty": EMPTY_SIZE, "big": BIG_SIZE}.get(
+            kind, MIX_SIZE)
+
+
+def proc_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def proc_hwm_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    """A vhost-user-blk back end process serving one image on one socket."""
+
+    def __init__(self, argv, socket_path, log_path):
+        self.socket = socket_path
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 15
+        while not os.path.exists(socket_path):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                with open(log_path) as f:
+                    raise RuntimeError("back end did not start: %s\n%s" %
+                                       (" ".join(argv), f.read()[-2000:]))
+            time.sleep(0.02)
+
+    def cpu(self):
+        return proc_cpu_seconds(self.proc.pid)
+
+    def hwm_kib(self):
+        return proc_hwm_kib(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+
+def qsd_argv(image, socket_path, l2):
+    return ["qemu-storage-daemon",
+            "--blockdev", "driver=file,node-name=f,filename=%s,aio=io_uring,"
+                          "cache.direct=on" % image,
+            "--blockdev", "driver=qcow2,node-name=q,file=f,cache.direct=on,"
+                          "l2-cache-size=%d" % l2,
+            "--export", "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,"
+                        "addr.path=%s,writable=on,num-queues=1" % socket_path]
+
+
+def serve_argv(template, kvblk, image, socket_path, l2, l2_supported):
+    l2_opt = "--l2-cache-size=%d " % l2 if l2_supported else ""
+    return shlex.split(template.format(kvblk=kvblk, image=image, socket=socket_path, l2=l2,
+                                       l2_opt=l2_opt))
+
+
+def fio_job_file(path, backend, groups, runtime, engine_paths, time_based):
+    lines = ["[global]", "thread=1", "direct=1", "norandommap=1", "randrepeat=1",
+             "runtime=%d" % runtime, "time_based=%d" % (1 if time_based else 0)]
+    for g in groups:
+        lines.append("")
+        lines.append("[%s]" % g["name"])
+        if backend == "raw":
+            lines.append("ioengine=io_uring")
+        elif backend == "kvblk":
+            lines.append("ioengine=external:%s" % engine_paths["kvblk"])
+            lines.append("format=qcow2")
+            lines.append("cache=none")
+            lines.append("l2_cache_size=%d" % g["l2"])
+        else:
+            lines.append("ioengine=external:%s" % engine_paths["vhost"])
+        lines.append("filename=%s" % g["target"])
+        lines.append("rw=%s" % g["rw"])
+        lines.append("bs=%s" % g["bs"])
+        lines.append("iodepth=%d" % g["iodepth"])
+        if "rwmixread" in g:
+            lines.append("rwmixread=%d" % g["rwmixread"])
+        if g.get("fsync"):
+            lines.append("fsync=%d" % g["fsync"])
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def percentile_us(clat, p):
+    pct = clat.get("percentile") or {}
+    v = pct.get("%.6f" % p)
+    return None if v is None else v / 1000.0
+
+
+def group_metrics(j):
+    """IOPS, bandwidth, latency and CPU of one fio job section."""
+    r, w, t = j["read"], j["write"], j["trim"]
+    ios = r["total_ios"] + w["total_ios"] + t["total_ios"]
+    main = r if r["total_ios"] >= w["total_ios"] else w
+    return {
+        "iops": r["iops"] + w["iops"] + t["iops"],
+        "bw_bytes": r["bw_bytes"] + w["bw_bytes"] + t["bw_bytes"],
+        "clat_p50_us": percentile_us(main["clat_ns"], 50),
+        "clat_p99_us": percentile_us(main["clat_ns"], 99),
+        "total_ios": ios,
+        "fio_cpu_s": (j["usr_cpu"] + j["sys_cpu"]) / 100.0 * j["job_runtime"] / 1000.0,
+        "error": j["error"],
+    }
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.build = os.path.abspath(args.build)
+        self.work = os.path.join(self.build, "perf", "bench")
+        self.images = Images(os.path.join(self.work, "images"))
+        self.runs_dir = os.path.join(self.work, "runs")
+        os.makedirs(self.runs_dir, exist_ok=True)
+        self.engines = {"kvblk": os.path.join(self.build, "perf", "fio-kvblk.so"),
+                        "vhost": os.path.join(self.build, "perf", "fio-vhost-user.so")}
+        self.kvblk = os.path.join(self.build, "kvblk")
+        self.serve_cmd = args.serve_cmd or os.environ.get("KVBLK_SERVE_CMD") or DEFAULT_SERVE_CMD
+        self.backends = args.backends.split(",")
+        self.serve_l2 = False
+        if "serve" in self.backends and not self.has_serve():
+            log("note: %s has no 'serve' command; skipping the serve backend" % self.kvblk)
+            self.backends.remove("serve")
+        self.results = []
+
+    def has_serve(self):
+        self.serve_l2 = False
+        if not os.access(self.kvblk, os.X_OK):
+            return False
+        r = subprocess.run([self.kvblk, "serve", "--help"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+        self.serve_l2 = "--l2-cache-size" in r.stdout
+        return r.returncode == 0
+
+    def cluster_sizes(self, job):
+        if "cluster_sizes" in job:
+            return job["cluster_sizes"]
+        return [64 * KiB] if self.args.quick else [64 * KiB, 2 * MiB]
+
+    def run_job(self, job, backend, cluster):
+        tag = "%s.%s.%s" % (job["name"], backend,
+                            "raw" if backend == "raw" else human_size(cluster))
+        fmt = "raw" if backend == "raw" else "qcow2"
+        groups = []
+        for g in job["groups"]:
+            g = dict(g)
+            g["image_path"] = self.images.path(g["image"], fmt, cluster)
+            size = Images.size(g["image"])
+            g["l2"] = l2_small(cluster) if g.get("small_l2") else l2_covering(size, cluster)
+            groups.append(g)
+        time_based = all(g["image"] != "empty" for g in groups)
+        servers = []
+        try:
+            for i, g in enumerate(groups):
+                if backend in ("raw", "kvblk"):
+                    g["target"] = g["image_path"]
+                    continue
+                sock = os.path.join(self.work, "%s.%d.sock" % (backend, i))
+                if backend == "qemu":
+                    argv = qsd_argv(g["image_path"], sock, g["l2"])
+                else:
+                    argv = serve_argv(self.serve_cmd, self.kvblk, g["image_path"], sock, g["l2"],
+                                      self.serve_l2)
+                servers.append(Server(argv, sock, os.path.join(self.runs_dir, tag + ".%d.log" % i)))
+                g["target"] = sock
+            jobfile = os.path.join(self.runs_dir, tag + ".fio")
+            out = os.path.join(self.runs_dir, tag + ".json")
+            rss = os.path.join(self.runs_dir, tag + ".rss")
+            fio_job_file(jobfile, backend, groups, self.args.runtime, self.engines, time_based)
+            cpu0 = [s.cpu() for s in servers]
+            t0 = time.time()
+            p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss, "fio",
+                                "--output-format=json", "--output=" + out, jobfile],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            elapsed = time.time() - t0
+            cpu1 = [s.cpu() for s in servers]
+            hwm = [s.hwm_kib() for s in servers]
+        finally:
+            for s in servers:
+                s.stop()
+        if p.returncode != 0:
+            log("  FAILED (fio exit %d): %s" % (p.returncode, p.stdout.strip()[-1500:]))
+        try:
+            with open(out) as f:
+                text = f.read()
+            data = json.loads(text[text.index("{"):])
+        except (OSError, ValueError):
+            data = {"jobs": []}
+        with open(rss) as f:
+            fio_rss = int((f.read().split() or ["0"])[-1] or 0)
+        by_name = {j["jobname"]: j for j in data["jobs"]}
+        for i, g in enumerate(groups):
+            res = {"job": job["name"], "group": g["name"], "backend": backend,
+                   "cluster": None if backend == "raw" else cluster,
+                   "rw": g["rw"], "bs": g["bs"], "iodepth": g["iodepth"],
+                   "l2_cache": (None if backend == "raw" or
+                                (backend == "serve" and not self.serve_l2) else g["l2"]),
+                   "elapsed_s": elapsed, "fio_exit": p.returncode}
+            j = by_name.get(g["name"])
+            if j is None:
+                res["error"] = "no fio result"
+                self.results.append(res)
+                continue
+            res.update(group_metrics(j))
+            if servers:
+                res["cpu_s"] = cpu1[i] - cpu0[i]
+                res["cpu_source"] = "backend process (/proc/PID/stat)"
+                res["peak_rss_kib"] = hwm[i]
+                res["rss_source"] = "backend VmHWM"
+            else:
+                res["cpu_s"] = res["fio_cpu_s"]
+                res["cpu_source"] = "fio job usr+sys"
+                res["peak_rss_kib"] = fio_rss
+                res["rss_source"] = "fio process peak RSS"
+            res["cpu_per_kio"] = (res["cpu_s"] / (res["total_ios"] / 1000.0)
+                                  if res["total_ios"] else None)
+            self.results.append(res)
+            log("  %-34s %-6s %9.0f IOPS  p99 %8.1f us  %.4f cpu-s/kIO" %
+                (g["name"], backend, res["iops"], res["clat_p99_us"] or 0,
+                 res["cpu_per_kio"] or 0))
+
+    def run(self):
+        jobs = [j for j in JOBS if re.search(self.args.jobs, j["name"])]
+        for job in jobs:
+            raw_done = False
+            for cluster in self.cluster_sizes(job):
+                for backend in self.backends:
+                    if backend == "raw":
+                        if raw_done:
+                            continue
+                        raw_done = True
+                    log("%s  cluster=%s  backend=%s" % (job["name"], human_size(cluster), backend))
+                    self.run_job(job, backend, cluster)
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def fmt_num(v, digits=0):
+    if v is None:
+        return "–"
+    return ("%%.%df" % digits) % v
+
+
+def ratio(a, b):
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def rows_by_key(results):
+    """{(group, cluster): {backend: result}}, raw rows copied to every cluster."""
+    table = {}
+    clusters = {}
+    for r in results:
+        if r["cluster"] is not None:
+            clusters.setdefault(r["group"], set()).add(r["cluster"])
+    for r in results:
+        cl = [r["cluster"]] if r["cluster"] is not None else sorted(clusters.get(r["group"], [0]))
+        for c in cl:
+            table.setdefault((r["group"], c), {})[r["backend"]] = r
+    return table
+
+
+def markdown(meta, results):
+    out = []
+    out.append("# kvblk benchmark: %s%s" % (meta["date"], " (quick)" if meta["quick"] else ""))
+    out.append("")
+    out.append("Host: %s, %d CPUs, kernel %s. %s; %s; kvblk %s. %d s per job, O_DIRECT, "
+               "io_uring everywhere. Regenerate with `%s`; see docs/bench.md." %
+               (meta["host"], meta["cpus"], meta["kernel"], meta["fio"], meta["qemu"],
+                meta["kvblk_rev"], meta["runtime"],
+                "make bench-quick" if meta["quick"] else "make bench"))
+    out.append("")
+    backends = meta["backends"]
+    has_serve = "serve" in backends
+    table = rows_by_key(results)
+    keys = sorted(table, key=lambda k: ([j["name"] for j in JOBS].index(k[0].split("/")[0])
+                                        if k[0].split("/")[0] in [j["name"] for j in JOBS]
+                                        else 99, k[0], k[1]))
+    out.append("## Ratios (same run)")
+    out.append("")
+    out.append("IOPS ratios: higher is better for kvblk. p99 and CPU ratios: lower is better. "
+               "`kvblk` is the disk layer inside fio (no virtio); `QEMU` is "
+               "qemu-storage-daemon behind vhost-user-blk%s." %
+               ("; `serve` is kvblk serve behind the same vhost-user-blk front end"
+                if has_serve else
+                ", so kvblk/QEMU compares the disk layer alone with QEMU's whole stack "
+                "(kvblk serve was not available)"))
+    out.append("")
+    head = ["job", "cluster", "IOPS kvblk/raw", "IOPS kvblk/QEMU", "p99 kvblk/raw",
+            "p99 kvblk/QEMU", "CPU/IO kvblk/raw"]
+    if has_serve:
+        head += ["IOPS serve/QEMU", "p99 serve/QEMU", "CPU/IO serve/QEMU", "RSS serve/QEMU"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for k in keys:
+        b = table[k]
+        raw, kv, qe, sv = (b.get(x) for x in ("raw", "kvblk", "qemu", "serve"))
+        g = lambda r, f: None if r is None else r.get(f)
+        row = [k[0], human_size(k[1]) if k[1] else "–",
+               fmt_num(ratio(g(kv, "iops"), g(raw, "iops")), 2),
+               fmt_num(ratio(g(kv, "iops"), g(qe, "iops")), 2),
+               fmt_num(ratio(g(kv, "clat_p99_us"), g(raw, "clat_p99_us")), 2),
+               fmt_num(ratio(g(kv, "clat_p99_us"), g(qe, "clat_p99_us")), 2),
+               fmt_num(ratio(g(kv, "cpu_per_kio"), g(raw, "cpu_per_kio")), 2)]
+        if has_serve:
+            row += [fmt_num(ratio(g(sv, "iops"), g(qe, "iops")), 2),
+                    fmt_num(ratio(g(sv, "clat_p99_us"), g(qe, "clat_p99_us")), 2),
+                    fmt_num(ratio(g(sv, "cpu_per_kio"), g(qe, "cpu_per_kio")), 2),
+                    fmt_num(ratio(g(sv, "peak_rss_kib"), g(qe, "peak_rss_kib")), 2)]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    out.append("## Measurements")
+    out.append("")
+    out.append("CPU: seconds of CPU per 1000 I/Os — of the back-end process for QEMU and serve, "
+               "of the fio job (fio + engine) for raw and kvblk. Peak RSS: the back end's "
+               "VmHWM, or fio's peak RSS for the in-process engines.")
+    out.append("")
+    head = ["job", "cluster", "backend", "IOPS", "MiB/s", "p50 µs", "p99 µs",
+            "CPU s/1000 IO", "peak RSS MiB", "errors"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for k in keys:
+        for be in backends:
+            r = table[k].get(be)
+            if r is None:
+                continue
+            out.append("| " + " | ".join([
+                k[0], human_size(k[1]) if k[1] else "–", be,
+                fmt_num(r.get("iops")),
+                fmt_num(None if r.get("bw_bytes") is None else r["bw_bytes"] / MiB, 1),
+                fmt_num(r.get("clat_p50_us"), 1), fmt_num(r.get("clat_p99_us"), 1),
+                fmt_num(r.get("cpu_per_kio"), 4),
+                fmt_num(None if r.get("peak_rss_kib") is None else r["peak_rss_kib"] / 1024.0, 1),
+                str(r.get("error", "")) if r.get("error") or r.get("fio_exit") else "0"]) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def chart(meta, results, dat_path, png_path):
+    """Clustered bars: IOPS of each backend relative to raw, per job."""
+    if not shutil.which("gnuplot"):
+        log("note: gnuplot not installed; no chart")
+        return
+    table = rows_by_key(results)
+    others = [b for b in meta["backends"] if b != "raw"]
+    names = {"kvblk": "kvblk disk layer", "qemu": "QEMU (vhost-user)",
+             "serve": "kvblk serve (vhost-user)"}
+    order = [j["name"] for j in JOBS]
+    keys = sorted(table, key=lambda k: (order.index(k[0].split("/")[0])
+                                        if k[0].split("/")[0] in order else 99, k[0], k[1]))
+    with open(dat_path, "w") as f:
+        f.write("# label " + " ".join(others) + "\n")
+        for k in keys:
+            raw = table[k].get("raw", {}).get("iops")
+            vals = [ratio(table[k].get(b, {}).get("iops"), raw) for b in others]
+            label = "%s/%s" % (k[0].replace("mixed/", "mix:"), human_size(k[1]) if k[1] else "-")
+            f.write('"%s" %s\n' % (label, " ".join("%.4f" % v if v is not None else "?"
+                                                   for v in vals)))
+    plots = ", ".join("'%s' using %d:xtic(1) title '%s'" %
+                      (dat_path, i + 2, names.get(b, b)) for i, b in enumerate(others))
+    script = """
+set terminal pngcairo size 1400,700 noenhanced font ',10'
+set output '%s'
+set title 'IOPS relative to fio io_uring on a raw file (=1.0), %s%s'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set key top right
+set grid ytics
+set yrange [0:*]
+set xtics rotate by -40
+set ylabel 'IOPS / raw IOPS'
+set datafile missing '?'
+plot %s, 1 notitle lt 0
+""" % (png_path, meta["date"], " (quick)" if meta["quick"] else "", plots)
+    subprocess.run(["gnuplot"], input=script, text=True, check=False)
+
+
+def capture(cmd):
+    try:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, cwd=TOP).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--quick", action="store_true",
+                    help="64 KiB clusters only, short runs (bench-quick)")
+    ap.add_argument("--runtime", type=int, default=None,
+                    help="seconds per job (default 20; 5 with --quick)")
+    ap.add_argument("--backends", default="raw,kvblk,qemu,serve")
+    ap.add_argument("--jobs", default=".", help="regex on job names")
+    ap.add_argument("--serve-cmd", default=None,
+                    help="kvblk serve command template; {kvblk} {image} {socket} {l2} "
+                         "{l2_opt} are replaced (default: $KVBLK_SERVE_CMD or '%s')" % DEFAULT_SERVE_CMD)
+    ap.add_argument("--results", default=os.path.join(TOP, "perf", "results"))
+    ap.add_argument("--report", metavar="RESULTS_JSON",
+                    help="only redo latest.md and the chart from a results file")
+    args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            data = json.load(f)
+        stem = os.path.splitext(args.report)[0]
+        md = markdown(data["meta"], data["results"])
+        with open(os.path.join(args.results, "latest.md"), "w") as f:
+            f.write(md)
+        work = os.path.join(os.path.abspath(args.build), "perf", "bench")
+        os.makedirs(work, exist_ok=True)
+        chart(data["meta"], data["results"], os.path.join(work, "chart.dat"), stem + ".png")
+        if os.path.exists(stem + ".png"):
+            shutil.copyfile(stem + ".png", os.path.join(args.results, "latest.png"))
+        print(md)
+        return 0
+    if args.runtime is None:
+        args.runtime = 5 if args.quick else 20
+
+    bench = Bench(args)
+    now = datetime.datetime.now()
+    meta = {
+        "date": now.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": args.quick,
+        "runtime": args.runtime,
+        "backends": bench.backends,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "fio": capture(["fio", "--version"]),
+        "qemu": capture(["qemu-storage-daemon", "--version"]),
+        "kvblk_rev": capture(["git", "describe", "--always", "--dirty"]),
+    }
+    log("kvblk bench: backends %s, %d s per job%s" %
+        (",".join(bench.backends), args.runtime, ", quick" if args.quick else ""))
+    t0 = time.time()
+    bench.run()
+    meta["duration_s"] = round(time.time() - t0, 1)
+
+    os.makedirs(args.results, exist_ok=True)
+    stem = now.strftime("%Y-%m-%d-%H%M%S") + ("-quick" if args.quick else "")
+    json_path = os.path.join(args.results, stem + ".json")
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "results": bench.results}, f, indent=1)
+    md = markdown(meta, bench.results)
+    with open(os.path.join(args.results, "latest.md"), "w") as f:
+        f.write(md)
+    png = os.path.join(args.results, stem + ".png")
+    chart(meta, bench.results, os.path.join(bench.work, "chart.dat"), png)
+    if os.path.exists(png):
+        shutil.copyfile(png, os.path.join(args.results, "latest.png"))
+    log("")
+    log(md)
+    log("wrote %s, %s/latest.md, %s (%.0f s)" % (json_path, args.results, png,
+                                                 meta["duration_s"]))
+    failed = [r for r in bench.results if r.get("error") or r.get("fio_exit")]
+    if failed:
+        log("%d measurement(s) failed; see %s" % (len(failed), bench.runs_dir))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

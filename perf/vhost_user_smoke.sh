@@ -1,0 +1,110 @@
+#!/bin/bash
+# Smoke test of the vhost-user-blk fio engine against a real back end: a short
+# fio job with data verification through build/perf/fio-vhost-user.so.
+#
+# Usage: perf/vhost_user_smoke.sh [--backend-cmd 'CMD'] [BUILD_DIR]
+#   CMD is run with {image} and {socket} replaced; it must serve the image as a
+#   vhost-user-blk device on that socket. Default: qemu-storage-daemon.
+#   kvblk serve:  --backend-cmd 'build/kvblk serve --socket={socket} {image}'
+# Prints "ok - ..." / "not ok - ..." lines; exits non-zero on any failure.
+set -uo pipefail
+
+backend_cmd='qemu-storage-daemon --blockdev driver=file,node-name=f,filename={image}
+  --blockdev driver=qcow2,node-name=q,file=f
+  --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={socket},writable=on'
+build=build
+while [ $# -gt 0 ]; do
+  case $1 in
+    --backend-cmd) backend_cmd=$2; shift 2 ;;
+    --backend-cmd=*) backend_cmd=${1#--backend-cmd=}; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) build=$1; shift ;;
+  esac
+done
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+failures=0
+ok() { echo "ok - $*"; }
+not_ok() { echo "not ok - $*"; failures=$((failures + 1)); }
+
+engine=$build/perf/fio-vhost-user.so
+if ! make --no-print-directory -s -f perf/Makefile BUILD="$build" "$engine" >/dev/null; then
+  not_ok "build $engine"
+  exit 1
+fi
+for tool in fio qemu-img; do
+  command -v $tool >/dev/null || { not_ok "$tool is installed"; exit 1; }
+done
+
+tmp=$(mktemp -d /tmp/kvblk-vhost-smoke.XXXXXX)
+image=$tmp/disk.qcow2
+sock=$tmp/vhost.sock
+pid=
+cleanup() {
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+qemu-img create -q -f qcow2 "$image" 64M
+cmd=${backend_cmd//\{image\}/$image}
+cmd=${cmd//\{socket\}/$sock}
+# shellcheck disable=SC2086  # the command is split into words on purpose
+setsid $cmd >"$tmp/backend.log" 2>&1 &
+pid=$!
+for _ in $(seq 150); do
+  [ -S "$sock" ] && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.1
+done
+if [ -S "$sock" ]; then
+  ok "back end listens on its socket"
+else
+  not_ok "back end listens on its socket: $(tail -5 "$tmp/backend.log")"
+  exit 1
+fi
+
+out=$tmp/fio.json
+if timeout 120 fio --name=smoke --ioengine=external:"$engine" --filename="$sock" \
+     --rw=randrw --bs=4k --iodepth=8 --size=16M --verify=crc32c --do_verify=1 \
+     --output-format=json --output="$out" >"$tmp/fio.log" 2>&1; then
+  ok "fio randrw 16M with crc32c verification through fio-vhost-user.so"
+else
+  not_ok "fio randrw 16M with crc32c verification: $(tail -5 "$tmp/fio.log")"
+fi
+if [ -s "$out" ] && python3 - "$out" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+ok = (job["error"] == 0 and job["write"]["io_bytes"] >= 8 << 20
+      and job["read"]["io_bytes"] > 0)
+sys.exit(0 if ok else 1)
+PY
+then
+  ok "fio reports no error, writes and reads"
+else
+  not_ok "fio reports no error, writes and reads"
+fi
+
+# A flush and the image left consistent once the back end has stopped.
+if timeout 60 fio --name=flush --ioengine=external:"$engine" --filename="$sock" \
+     --rw=randwrite --bs=64k --iodepth=4 --size=4M --fsync=1 >"$tmp/fio2.log" 2>&1 &&
+   grep -q 'err= 0' "$tmp/fio2.log"; then
+  ok "writes with fsync=1 (VIRTIO_BLK_T_FLUSH)"
+else
+  not_ok "writes with fsync=1: $(tail -5 "$tmp/fio2.log")"
+fi
+kill -TERM "$pid" 2>/dev/null
+for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+if qemu-img check -q "$image" >"$tmp/check.log" 2>&1; then
+  ok "qemu-img check after the back end stopped"
+else
+  not_ok "qemu-img check after the back end stopped: $(tail -3 "$tmp/check.log")"
+fi
+
+[ "$failures" -eq 0 ]

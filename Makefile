@@ -31,14 +31,15 @@ LIB_SO  := $(BUILD)/libkvblk.so
 CLI     := $(BUILD)/kvblk
 UNIT    := $(BUILD)/tests/unit_tests
 
-.PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick
+.PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick demo guest
 
 all: $(CLI) $(LIB_A) $(LIB_SO)
 
 help:
 	@echo "make            build build/kvblk, build/libkvblk.a, build/libkvblk.so"
 	@echo "make deps       install the Debian packages kvblk needs (idempotent)"
-	@echo "make test       deps + build + unit tests + interop tests against qemu-img/qemu-io"
+	@echo "make demo       boot a Linux guest (QEMU, TCG) from a qcow2 disk served by kvblk serve, run fio"
+	@echo "make test       deps + build + unit tests + interop tests against qemu-img/qemu-io + guest"
 	@echo "make asan|tsan  the same tests on an AddressSanitizer/ThreadSanitizer build"
 	@echo "make install    install into \$$DESTDIR\$$PREFIX (default /usr/local)"
 	@echo "make perf       build the fio engines (build/perf/fio-kvblk.so, fio-vhost-user.so)"
@@ -73,6 +74,17 @@ unit: $(UNIT)
 test: deps
 	@$(MAKE) --no-print-directory all $(UNIT)
 	@tests/run_all.sh $(BUILD)
+
+# The main job: a real guest boots from a qcow2 root disk served by
+# `kvblk serve` over vhost-user-blk and runs fio with verification on a
+# second kvblk disk. KVBLK_GUEST_BACKEND=qsd runs the same guest on
+# qemu-storage-daemon for comparison.
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@GUEST_CONSOLE=1 tests/guest/guest_test.sh $(BUILD)
+
+guest: all
+	@tests/guest/guest_test.sh $(BUILD)
 
 asan:
 	@$(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1

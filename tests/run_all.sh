@@ -29,7 +29,7 @@ fi
 passed=$((passed + p))
 failed=$((failed + f))
 
-for script in tests/interop/*.sh; do
+for script in tests/interop/*.sh tests/guest/guest_test.sh; do
   [ -e "$script" ] || continue
   echo "== $script"
   if bash "$script" "$BUILD" >"$log" 2>&1; then rc=0; else rc=$?; fi

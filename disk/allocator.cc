@@ -4,7 +4,8 @@ namespace kvblk::qcow2 {
 
 Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
   if (inflight_.count(cluster)) co_return false;
-  if (cluster >= rc_->file_clusters()) co_return true;
+  // Past the end of the file too: a crash can leave a refcount for a cluster
+  // whose append was lost (a leak), and it must not be counted twice.
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await rc_->Get(cluster));
   co_return rc == 0;
 }
@@ -56,7 +57,16 @@ Task<Result<uint64_t>> Allocator::AllocateContiguous(uint64_t n) {
     bool restart = false;
     for (uint64_t i = 0; i < n && !restart; ++i) {
       KVBLK_CO_ASSIGN_OR_RETURN(Refcounts::BlockState bs, co_await rc_->EnsureBlock(start + i));
-      if (bs != Refcounts::BlockState::kPresent) restart = true;
+      if (bs != Refcounts::BlockState::kPresent) {
+        restart = true;
+        break;
+      }
+      // A leaked cluster past the end of the file: start after it.
+      KVBLK_CO_ASSIGN_OR_RETURN(bool free, co_await IsFree(start + i));
+      if (!free) {
+        rc_->NoteFileClusters(start + i + 1);
+        restart = true;
+      }
     }
     if (restart) continue;
     for (uint64_t i = 0; i < n; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(start + i, 1));

@@ -267,9 +267,17 @@ Task<Status> Qcow2Device::WriteL1Entry(uint64_t l1_index, uint64_t value) {
 }
 
 Task<Status> Qcow2Device::WriteL2Table(uint64_t offset, const uint8_t* table) {
-  // Every cluster this copy of the table points to got its refcount before
-  // now; make those refcounts durable before the table can reach the disk.
-  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq()));
+  // Every cluster this copy of the table points to got its refcount, and
+  // its data if newly allocated, before now; make both durable before the
+  // table can reach the disk.
+  const uint64_t data_target = data_written_seq_;
+  bool synced = false;
+  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq(), &synced));
+  if (synced) data_synced_seq_ = std::max(data_synced_seq_, data_target);
+  if (data_synced_seq_ < data_target) {
+    KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
+    data_synced_seq_ = std::max(data_synced_seq_, data_target);
+  }
   co_return co_await file_->Write(table, cluster_size_, offset);
 }
 

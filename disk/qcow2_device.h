@@ -14,6 +14,9 @@
 // On-disk ordering (crash may leak, never corrupt):
 //  - a cluster's refcount is durable before an L2 table pointing to it is
 //    written (the L2 cache's writer waits for Refcounts::EnsureDurable);
+//  - so is the data of a newly allocated cluster (the guest's data and the
+//    copy-on-write parts): the L2 cache's writer syncs first when data was
+//    written since the last sync (like qemu's "L2 cache depends on flush");
 //  - an L2 table is written and synced before the L1 entry pointing to it;
 //  - a reference removed from an L2/L1 table is durable before the
 //    cluster's refcount is dropped (Allocator deferred frees, applied on
@@ -149,6 +152,11 @@ class Qcow2Device final : public BlockDevice {
   std::unique_ptr<BlockDevice> backing_;
   std::string backing_path_;
   std::vector<Snapshot> snapshots_;
+  // Counts the data writes into newly allocated clusters (bumped when one
+  // completes, before the L2 entry mapping it is set) and the latest count
+  // known to be synced; see WriteL2Table.
+  uint64_t data_written_seq_ = 0;
+  uint64_t data_synced_seq_ = 0;
 
   AsyncSharedMutex image_lock_;
   AsyncMutex l1_mu_;

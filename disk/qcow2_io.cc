@@ -202,6 +202,7 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
     alloc_->DeferFree(run.offset, k);  // nothing refers to the run: give it back
     co_return wst;
   }
+  ++data_written_seq_;  // synced before an L2 table mapping the run is written
 
   const uint64_t mask = (uint64_t{1} << l2_bits_) - 1;
   for (uint64_t i = 0; i < k; ++i) {
@@ -455,6 +456,7 @@ Task<Status> Qcow2Device::WriteCompressed(uint64_t offset, const void* buf, size
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(gc >> l2_bits_));
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t host, co_await alloc_->AllocateBytes(packed.size()));
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(packed.data(), packed.size(), host));
+  ++data_written_seq_;  // synced before an L2 table mapping it is written
   const int x = CompressedOffsetBits(cluster_bits_);
   uint64_t extra_sectors = ((host + packed.size() - 1) >> 9) - (host >> 9);
   uint64_t entry = host | (extra_sectors << x) | kOflagCompressed;

@@ -121,7 +121,8 @@ Task<Status> Refcounts::Add(uint64_t cluster, int64_t delta) {
   co_return Status::Ok();
 }
 
-Task<Status> Refcounts::EnsureDurable(uint64_t seq) {
+Task<Status> Refcounts::EnsureDurable(uint64_t seq, bool* synced) {
+  if (synced) *synced = false;
   if (durable_seq_ >= seq) co_return Status::Ok();
   co_await durable_mu_.Lock();
   ExclusiveGuard g(&durable_mu_);
@@ -130,6 +131,7 @@ Task<Status> Refcounts::EnsureDurable(uint64_t seq) {
   KVBLK_CO_RETURN_IF_ERROR(co_await cache_->Flush());
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
   durable_seq_ = std::max(durable_seq_, target);
+  if (synced) *synced = true;
   co_return Status::Ok();
 }
 

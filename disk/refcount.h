@@ -67,8 +67,11 @@ class Refcounts {
 
   // Sequence number of the latest refcount change.
   uint64_t seq() const { return seq_; }
-  // Returns once every change up to `seq` is written and synced.
-  Task<Status> EnsureDurable(uint64_t seq);
+  // Returns once every change up to `seq` is written and synced. If
+  // `synced` is given, it is set to whether this call itself synced the file
+  // (a sync that began after the call, covering every write completed
+  // before it).
+  Task<Status> EnsureDurable(uint64_t seq, bool* synced = nullptr);
   // Writes back dirty blocks (no sync).
   Task<Status> Flush() { return cache_->Flush(); }
 

@@ -102,19 +102,27 @@ std::vector<uint64_t> TableCache::LruOrder() const {
 }
 
 Task<Status> TableCache::WriteBack(Entry* e) {
-  // Snapshot the table so that concurrent changes neither tear the write nor
-  // sneak past the owner's ordering checks.
-  std::unique_ptr<uint8_t[]> copy(new uint8_t[table_size_]);
-  std::memcpy(copy.get(), e->data.get(), table_size_);
-  uint64_t gen = e->dirty_gen;
-  e->writing = true;
   Pin(e);  // keep the entry alive (and out of the LRU list) across the write
-  Status st = co_await writer_(e->offset, copy.get());
-  e->writing = false;
-  if (st.ok()) {
-    ++stats_.writebacks;
-    if (gen > e->clean_gen) e->clean_gen = gen;
+  // One write-back per table at a time: two copies in flight may reach the
+  // disk in either order, and an older copy must never land last.
+  co_await e->write_mu.Lock();
+  ExclusiveGuard serial(&e->write_mu);
+  Status st;
+  if (e->dirty_gen != e->clean_gen) {  // else the write we waited for covered it
+    // Snapshot the table so that concurrent changes neither tear the write
+    // nor sneak past the owner's ordering checks.
+    std::unique_ptr<uint8_t[]> copy(new uint8_t[table_size_]);
+    std::memcpy(copy.get(), e->data.get(), table_size_);
+    uint64_t gen = e->dirty_gen;
+    e->writing = true;
+    st = co_await writer_(e->offset, copy.get());
+    e->writing = false;
+    if (st.ok()) {
+      ++stats_.writebacks;
+      if (gen > e->clean_gen) e->clean_gen = gen;
+    }
   }
+  serial.Release();  // before Unpin, which may free the entry
   Unpin(e);
   co_return st;
 }

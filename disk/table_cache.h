@@ -113,6 +113,7 @@ class TableCache {
     uint64_t dirty_gen = 0;    // bumped by MarkDirty
     uint64_t clean_gen = 0;    // dirty_gen last written back
     bool writing = false;
+    AsyncMutex write_mu;  // serializes write-backs of this table
     bool in_lru = false;
     std::list<Entry*>::iterator lru_it;
     bool dropped = false;

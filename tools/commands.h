@@ -14,6 +14,8 @@ int RunInfo(const std::vector<std::string>& args);
 int RunConvert(const std::vector<std::string>& args);
 int RunIo(const std::vector<std::string>& args);
 int RunMap(const std::vector<std::string>& args);
+int RunCheck(const std::vector<std::string>& args);
+int RunServe(const std::vector<std::string>& args);
 
 }  // namespace kvblk::cli
 

@@ -26,6 +26,8 @@ constexpr Command kCommands[] = {
     {"convert", RunConvert, "copy an image (and its backing chain) into a new image"},
     {"io", RunIo, "run qemu-io style read/write/discard/map commands on an image"},
     {"map", RunMap, "show which ranges of an image hold data, and where"},
+    {"check", RunCheck, "check an image's metadata for errors and leaks, and repair them"},
+    {"serve", RunServe, "serve an image as a vhost-user-blk device on a Unix socket"},
 };
 
 const Command* FindCommand(std::string_view name) {

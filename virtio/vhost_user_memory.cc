@@ -120,8 +120,8 @@ VuStatus VhostUserMemory::Add(const MemoryRegionDesc& region, UniqueFd fd) {
 VuStatus VhostUserMemory::Remove(const MemoryRegionDesc& region) {
   for (auto it = regions_.begin(); it != regions_.end(); ++it) {
     const MemoryRegionDesc& d = it->desc;
-    if (d.guest_phys_addr == region.guest_phys_addr &&
-        d.userspace_addr == region.userspace_addr && d.memory_size == region.memory_size) {
+    if (d.guest_phys_addr == region.guest_phys_addr && d.userspace_addr == region.userspace_addr &&
+        d.memory_size == region.memory_size) {
       regions_.erase(it);
       return {};
     }

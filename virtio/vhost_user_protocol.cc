@@ -2,6 +2,8 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -22,23 +24,23 @@ bool IsKnown(uint32_t request) { return request >= 1 && request <= kLastKnownReq
 // offers. A front end that sends one has ignored the negotiation.
 bool IsNeverOffered(Request r) {
   switch (r) {
-    case Request::kSetLogBase:          // LOG_SHMFD / VHOST_F_LOG_ALL
+    case Request::kSetLogBase:  // LOG_SHMFD / VHOST_F_LOG_ALL
     case Request::kSetLogFd:
-    case Request::kSendRarp:            // net
+    case Request::kSendRarp:  // net
     case Request::kNetSetMtu:
-    case Request::kSetBackendReqFd:     // BACKEND_REQ
-    case Request::kIotlbMsg:            // VIRTIO_F_IOMMU_PLATFORM
-    case Request::kSetVringEndian:      // CROSS_ENDIAN
-    case Request::kCreateCryptoSession: // crypto
+    case Request::kSetBackendReqFd:      // BACKEND_REQ
+    case Request::kIotlbMsg:             // VIRTIO_F_IOMMU_PLATFORM
+    case Request::kSetVringEndian:       // CROSS_ENDIAN
+    case Request::kCreateCryptoSession:  // crypto
     case Request::kCloseCryptoSession:
-    case Request::kPostcopyAdvise:      // PAGEFAULT
+    case Request::kPostcopyAdvise:  // PAGEFAULT
     case Request::kPostcopyListen:
     case Request::kPostcopyEnd:
-    case Request::kGetInflightFd:       // INFLIGHT_SHMFD
+    case Request::kGetInflightFd:  // INFLIGHT_SHMFD
     case Request::kSetInflightFd:
-    case Request::kGpuSetSocket:        // gpu
-    case Request::kVringKick:           // INBAND_NOTIFICATIONS
-    case Request::kSetStatus:           // STATUS
+    case Request::kGpuSetSocket:  // gpu
+    case Request::kVringKick:     // INBAND_NOTIFICATIONS
+    case Request::kSetStatus:     // STATUS
     case Request::kGetStatus:
       return true;
     default:
@@ -129,82 +131,152 @@ void UniqueFd::Reset(int fd) {
 
 const char* RequestName(uint32_t request) {
   switch (static_cast<Request>(request)) {
-    case Request::kNone: return "NONE";
-    case Request::kGetFeatures: return "GET_FEATURES";
-    case Request::kSetFeatures: return "SET_FEATURES";
-    case Request::kSetOwner: return "SET_OWNER";
-    case Request::kResetOwner: return "RESET_OWNER";
-    case Request::kSetMemTable: return "SET_MEM_TABLE";
-    case Request::kSetLogBase: return "SET_LOG_BASE";
-    case Request::kSetLogFd: return "SET_LOG_FD";
-    case Request::kSetVringNum: return "SET_VRING_NUM";
-    case Request::kSetVringAddr: return "SET_VRING_ADDR";
-    case Request::kSetVringBase: return "SET_VRING_BASE";
-    case Request::kGetVringBase: return "GET_VRING_BASE";
-    case Request::kSetVringKick: return "SET_VRING_KICK";
-    case Request::kSetVringCall: return "SET_VRING_CALL";
-    case Request::kSetVringErr: return "SET_VRING_ERR";
-    case Request::kGetProtocolFeatures: return "GET_PROTOCOL_FEATURES";
-    case Request::kSetProtocolFeatures: return "SET_PROTOCOL_FEATURES";
-    case Request::kGetQueueNum: return "GET_QUEUE_NUM";
-    case Request::kSetVringEnable: return "SET_VRING_ENABLE";
-    case Request::kSendRarp: return "SEND_RARP";
-    case Request::kNetSetMtu: return "NET_SET_MTU";
-    case Request::kSetBackendReqFd: return "SET_BACKEND_REQ_FD";
-    case Request::kIotlbMsg: return "IOTLB_MSG";
-    case Request::kSetVringEndian: return "SET_VRING_ENDIAN";
-    case Request::kGetConfig: return "GET_CONFIG";
-    case Request::kSetConfig: return "SET_CONFIG";
-    case Request::kCreateCryptoSession: return "CREATE_CRYPTO_SESSION";
-    case Request::kCloseCryptoSession: return "CLOSE_CRYPTO_SESSION";
-    case Request::kPostcopyAdvise: return "POSTCOPY_ADVISE";
-    case Request::kPostcopyListen: return "POSTCOPY_LISTEN";
-    case Request::kPostcopyEnd: return "POSTCOPY_END";
-    case Request::kGetInflightFd: return "GET_INFLIGHT_FD";
-    case Request::kSetInflightFd: return "SET_INFLIGHT_FD";
-    case Request::kGpuSetSocket: return "GPU_SET_SOCKET";
-    case Request::kResetDevice: return "RESET_DEVICE";
-    case Request::kVringKick: return "VRING_KICK";
-    case Request::kGetMaxMemSlots: return "GET_MAX_MEM_SLOTS";
-    case Request::kAddMemReg: return "ADD_MEM_REG";
-    case Request::kRemMemReg: return "REM_MEM_REG";
-    case Request::kSetStatus: return "SET_STATUS";
-    case Request::kGetStatus: return "GET_STATUS";
+    case Request::kNone:
+      return "NONE";
+    case Request::kGetFeatures:
+      return "GET_FEATURES";
+    case Request::kSetFeatures:
+      return "SET_FEATURES";
+    case Request::kSetOwner:
+      return "SET_OWNER";
+    case Request::kResetOwner:
+      return "RESET_OWNER";
+    case Request::kSetMemTable:
+      return "SET_MEM_TABLE";
+    case Request::kSetLogBase:
+      return "SET_LOG_BASE";
+    case Request::kSetLogFd:
+      return "SET_LOG_FD";
+    case Request::kSetVringNum:
+      return "SET_VRING_NUM";
+    case Request::kSetVringAddr:
+      return "SET_VRING_ADDR";
+    case Request::kSetVringBase:
+      return "SET_VRING_BASE";
+    case Request::kGetVringBase:
+      return "GET_VRING_BASE";
+    case Request::kSetVringKick:
+      return "SET_VRING_KICK";
+    case Request::kSetVringCall:
+      return "SET_VRING_CALL";
+    case Request::kSetVringErr:
+      return "SET_VRING_ERR";
+    case Request::kGetProtocolFeatures:
+      return "GET_PROTOCOL_FEATURES";
+    case Request::kSetProtocolFeatures:
+      return "SET_PROTOCOL_FEATURES";
+    case Request::kGetQueueNum:
+      return "GET_QUEUE_NUM";
+    case Request::kSetVringEnable:
+      return "SET_VRING_ENABLE";
+    case Request::kSendRarp:
+      return "SEND_RARP";
+    case Request::kNetSetMtu:
+      return "NET_SET_MTU";
+    case Request::kSetBackendReqFd:
+      return "SET_BACKEND_REQ_FD";
+    case Request::kIotlbMsg:
+      return "IOTLB_MSG";
+    case Request::kSetVringEndian:
+      return "SET_VRING_ENDIAN";
+    case Request::kGetConfig:
+      return "GET_CONFIG";
+    case Request::kSetConfig:
+      return "SET_CONFIG";
+    case Request::kCreateCryptoSession:
+      return "CREATE_CRYPTO_SESSION";
+    case Request::kCloseCryptoSession:
+      return "CLOSE_CRYPTO_SESSION";
+    case Request::kPostcopyAdvise:
+      return "POSTCOPY_ADVISE";
+    case Request::kPostcopyListen:
+      return "POSTCOPY_LISTEN";
+    case Request::kPostcopyEnd:
+      return "POSTCOPY_END";
+    case Request::kGetInflightFd:
+      return "GET_INFLIGHT_FD";
+    case Request::kSetInflightFd:
+      return "SET_INFLIGHT_FD";
+    case Request::kGpuSetSocket:
+      return "GPU_SET_SOCKET";
+    case Request::kResetDevice:
+      return "RESET_DEVICE";
+    case Request::kVringKick:
+      return "VRING_KICK";
+    case Request::kGetMaxMemSlots:
+      return "GET_MAX_MEM_SLOTS";
+    case Request::kAddMemReg:
+      return "ADD_MEM_REG";
+    case Request::kRemMemReg:
+      return "REM_MEM_REG";
+    case Request::kSetStatus:
+      return "SET_STATUS";
+    case Request::kGetStatus:
+      return "GET_STATUS";
   }
   return "UNKNOWN";
 }
 
 const char* VhostUserErrorName(VhostUserError e) {
   switch (e) {
-    case VhostUserError::kPeerClosed: return "PeerClosed";
-    case VhostUserError::kTruncatedMessage: return "TruncatedMessage";
-    case VhostUserError::kBadVersion: return "BadVersion";
-    case VhostUserError::kUnexpectedReply: return "UnexpectedReply";
-    case VhostUserError::kPayloadTooLarge: return "PayloadTooLarge";
-    case VhostUserError::kTooManyFds: return "TooManyFds";
-    case VhostUserError::kSocketError: return "SocketError";
-    case VhostUserError::kReplyNotSent: return "ReplyNotSent";
-    case VhostUserError::kUnknownRequest: return "UnknownRequest";
-    case VhostUserError::kUnsupportedRequest: return "UnsupportedRequest";
-    case VhostUserError::kWrongPayloadSize: return "WrongPayloadSize";
-    case VhostUserError::kWrongFdCount: return "WrongFdCount";
-    case VhostUserError::kProtocolFeatureNotNegotiated: return "ProtocolFeatureNotNegotiated";
-    case VhostUserError::kFeatureNotOffered: return "FeatureNotOffered";
-    case VhostUserError::kInvalidQueueIndex: return "InvalidQueueIndex";
-    case VhostUserError::kInvalidQueueSize: return "InvalidQueueSize";
-    case VhostUserError::kInvalidValue: return "InvalidValue";
-    case VhostUserError::kQueueRunning: return "QueueRunning";
-    case VhostUserError::kEmptyMemoryTable: return "EmptyMemoryTable";
-    case VhostUserError::kTooManyRegions: return "TooManyRegions";
-    case VhostUserError::kBadRegion: return "BadRegion";
-    case VhostUserError::kRegionOverlap: return "RegionOverlap";
-    case VhostUserError::kRegionNotFound: return "RegionNotFound";
-    case VhostUserError::kMmapFailed: return "MmapFailed";
-    case VhostUserError::kAddressNotMapped: return "AddressNotMapped";
-    case VhostUserError::kLoggingNotSupported: return "LoggingNotSupported";
-    case VhostUserError::kPollingNotSupported: return "PollingNotSupported";
-    case VhostUserError::kBadConfigAccess: return "BadConfigAccess";
-    case VhostUserError::kDeviceRejected: return "DeviceRejected";
+    case VhostUserError::kPeerClosed:
+      return "PeerClosed";
+    case VhostUserError::kTruncatedMessage:
+      return "TruncatedMessage";
+    case VhostUserError::kBadVersion:
+      return "BadVersion";
+    case VhostUserError::kUnexpectedReply:
+      return "UnexpectedReply";
+    case VhostUserError::kPayloadTooLarge:
+      return "PayloadTooLarge";
+    case VhostUserError::kTooManyFds:
+      return "TooManyFds";
+    case VhostUserError::kSocketError:
+      return "SocketError";
+    case VhostUserError::kReplyNotSent:
+      return "ReplyNotSent";
+    case VhostUserError::kUnknownRequest:
+      return "UnknownRequest";
+    case VhostUserError::kUnsupportedRequest:
+      return "UnsupportedRequest";
+    case VhostUserError::kWrongPayloadSize:
+      return "WrongPayloadSize";
+    case VhostUserError::kWrongFdCount:
+      return "WrongFdCount";
+    case VhostUserError::kProtocolFeatureNotNegotiated:
+      return "ProtocolFeatureNotNegotiated";
+    case VhostUserError::kFeatureNotOffered:
+      return "FeatureNotOffered";
+    case VhostUserError::kInvalidQueueIndex:
+      return "InvalidQueueIndex";
+    case VhostUserError::kInvalidQueueSize:
+      return "InvalidQueueSize";
+    case VhostUserError::kInvalidValue:
+      return "InvalidValue";
+    case VhostUserError::kQueueRunning:
+      return "QueueRunning";
+    case VhostUserError::kEmptyMemoryTable:
+      return "EmptyMemoryTable";
+    case VhostUserError::kTooManyRegions:
+      return "TooManyRegions";
+    case VhostUserError::kBadRegion:
+      return "BadRegion";
+    case VhostUserError::kRegionOverlap:
+      return "RegionOverlap";
+    case VhostUserError::kRegionNotFound:
+      return "RegionNotFound";
+    case VhostUserError::kMmapFailed:
+      return "MmapFailed";
+    case VhostUserError::kAddressNotMapped:
+      return "AddressNotMapped";
+    case VhostUserError::kLoggingNotSupported:
+      return "LoggingNotSupported";
+    case VhostUserError::kPollingNotSupported:
+      return "PollingNotSupported";
+    case VhostUserError::kBadConfigAccess:
+      return "BadConfigAccess";
+    case VhostUserError::kDeviceRejected:
+      return "DeviceRejected";
   }
   return "Unknown";
 }
@@ -587,6 +659,44 @@ VuStatus SendMessage(int fd, const Message& m, bool nonblocking) {
     sent += static_cast<size_t>(n);
   }
   return {};
+}
+
+// ---- The socket -------------------------------------------------------------------
+
+Result<UniqueFd> ListenOnUnixSocket(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    return Status::InvalidArgument("socket path '" + path + "' is empty or longer than " +
+                                   std::to_string(sizeof addr.sun_path - 1) + " bytes");
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  struct stat st;
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status::InvalidArgument("'" + path + "' exists and is not a socket");
+    }
+    UniqueFd probe(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!probe.valid()) return Status::FromErrno(errno, "socket");
+    if (connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+      return Status::Busy("socket '" + path + "' is in use by a running server");
+    }
+    if (errno != ECONNREFUSED) return Status::FromErrno(errno, "socket '" + path + "'");
+    // Nobody listens: a stale socket from an earlier run.
+    if (unlink(path.c_str()) < 0) return Status::FromErrno(errno, "remove stale '" + path + "'");
+  }
+  UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Status::FromErrno(errno, "socket");
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) {
+    if (errno == EADDRINUSE) return Status::Busy("socket '" + path + "' is in use");
+    return Status::FromErrno(errno, "bind '" + path + "'");
+  }
+  if (listen(fd.get(), 1) < 0) {
+    int err = errno;
+    unlink(path.c_str());
+    return Status::FromErrno(err, "listen on '" + path + "'");
+  }
+  return fd;
 }
 
 }  // namespace kvblk::vhost_user

@@ -2,6 +2,8 @@
 // and decoding, and message framing over a Unix socket with file descriptors
 // in SCM_RIGHTS ancillary data.
 //
+// Also the back end's listening socket (ListenOnUnixSocket).
+//
 // Spec: QEMU docs/interop/vhost-user.rst ("Message Specification",
 // "Front-end message types", "VHOST_USER_PROTOCOL_F_REPLY_ACK"). All numbers
 // are in the machine's native byte order, as the spec says.
@@ -25,6 +27,8 @@
 #include <utility>
 #include <variant>
 #include <vector>
+
+#include "kvblk/status.h"
 
 namespace kvblk::vhost_user {
 
@@ -142,12 +146,12 @@ inline constexpr uint32_t kConfigFlagMigration = 1;
 
 // Limits.
 inline constexpr uint32_t kHeaderSize = 12;
-inline constexpr uint32_t kMaxConfigSize = 256;       // VHOST_USER_MAX_CONFIG_SIZE
-inline constexpr uint32_t kConfigHeaderSize = 12;     // offset, size, flags
-inline constexpr uint32_t kMaxMemTableRegions = 8;    // VHOST_MEMORY_BASELINE_NREGIONS
+inline constexpr uint32_t kMaxConfigSize = 256;     // VHOST_USER_MAX_CONFIG_SIZE
+inline constexpr uint32_t kConfigHeaderSize = 12;   // offset, size, flags
+inline constexpr uint32_t kMaxMemTableRegions = 8;  // VHOST_MEMORY_BASELINE_NREGIONS
 inline constexpr uint32_t kMemoryRegionSize = 32;
-inline constexpr uint32_t kMemTableHeaderSize = 8;    // nregions, padding
-inline constexpr uint32_t kSingleRegionSize = 40;     // padding, region
+inline constexpr uint32_t kMemTableHeaderSize = 8;  // nregions, padding
+inline constexpr uint32_t kSingleRegionSize = 40;   // padding, region
 inline constexpr uint32_t kVringStateSize = 8;
 inline constexpr uint32_t kVringAddrSize = 40;
 // Every message this back end accepts fits; larger ones are refused before
@@ -160,37 +164,37 @@ inline constexpr int kMaxFds = 8;
 
 enum class VhostUserError : uint8_t {
   // Framing: the byte stream cannot be trusted any more (connection closed).
-  kPeerClosed,         // orderly EOF between messages (not a protocol error)
-  kTruncatedMessage,   // EOF inside a message
-  kBadVersion,         // header version bits are not 1
-  kUnexpectedReply,    // a request with the reply flag set
-  kPayloadTooLarge,    // header size above kMaxPayloadSize
-  kTooManyFds,         // more than kMaxFds descriptors (or truncated control data)
-  kSocketError,        // recvmsg/sendmsg failed
-  kReplyNotSent,       // the front end does not read its replies (socket full)
+  kPeerClosed,        // orderly EOF between messages (not a protocol error)
+  kTruncatedMessage,  // EOF inside a message
+  kBadVersion,        // header version bits are not 1
+  kUnexpectedReply,   // a request with the reply flag set
+  kPayloadTooLarge,   // header size above kMaxPayloadSize
+  kTooManyFds,        // more than kMaxFds descriptors (or truncated control data)
+  kSocketError,       // recvmsg/sendmsg failed
+  kReplyNotSent,      // the front end does not read its replies (socket full)
 
   // One message is malformed or refused.
-  kUnknownRequest,              // a request number the spec does not define (to us)
-  kUnsupportedRequest,          // defined, but needs a feature this back end never offers
-  kWrongPayloadSize,            // payload size differs from what the request prescribes
-  kWrongFdCount,                // descriptor count differs from what the request prescribes
-  kProtocolFeatureNotNegotiated,// request gated by a protocol feature that was not acked
-  kFeatureNotOffered,           // SET_(PROTOCOL_)FEATURES with a bit that was not offered
-  kInvalidQueueIndex,           // vring index >= the number of queues
-  kInvalidQueueSize,            // SET_VRING_NUM: 0, not a power of two, or too large
-  kInvalidValue,                // SET_VRING_BASE > 65535, SET_VRING_ENABLE not 0/1
-  kQueueRunning,                // ring parameters changed while the ring runs
-  kEmptyMemoryTable,            // SET_MEM_TABLE with zero regions
-  kTooManyRegions,              // more regions than the table or the slots allow
-  kBadRegion,                   // zero size, address wrap-around, fd not a regular file / too small
-  kRegionOverlap,               // two regions overlap in guest or user address space
-  kRegionNotFound,              // REM_MEM_REG of a region that is not mapped
-  kMmapFailed,                  // mmap of a region's fd failed
-  kAddressNotMapped,            // a ring's user address lies outside every region
-  kLoggingNotSupported,         // VHOST_VRING_F_LOG (dirty logging) requested
-  kPollingNotSupported,         // SET_VRING_KICK without a descriptor
-  kBadConfigAccess,             // GET/SET_CONFIG range outside the config space
-  kDeviceRejected,              // the device model refused (features, config write, ring)
+  kUnknownRequest,                // a request number the spec does not define (to us)
+  kUnsupportedRequest,            // defined, but needs a feature this back end never offers
+  kWrongPayloadSize,              // payload size differs from what the request prescribes
+  kWrongFdCount,                  // descriptor count differs from what the request prescribes
+  kProtocolFeatureNotNegotiated,  // request gated by a protocol feature that was not acked
+  kFeatureNotOffered,             // SET_(PROTOCOL_)FEATURES with a bit that was not offered
+  kInvalidQueueIndex,             // vring index >= the number of queues
+  kInvalidQueueSize,              // SET_VRING_NUM: 0, not a power of two, or too large
+  kInvalidValue,                  // SET_VRING_BASE > 65535, SET_VRING_ENABLE not 0/1
+  kQueueRunning,                  // ring parameters changed while the ring runs
+  kEmptyMemoryTable,              // SET_MEM_TABLE with zero regions
+  kTooManyRegions,                // more regions than the table or the slots allow
+  kBadRegion,            // zero size, address wrap-around, fd not a regular file / too small
+  kRegionOverlap,        // two regions overlap in guest or user address space
+  kRegionNotFound,       // REM_MEM_REG of a region that is not mapped
+  kMmapFailed,           // mmap of a region's fd failed
+  kAddressNotMapped,     // a ring's user address lies outside every region
+  kLoggingNotSupported,  // VHOST_VRING_F_LOG (dirty logging) requested
+  kPollingNotSupported,  // SET_VRING_KICK without a descriptor
+  kBadConfigAccess,      // GET/SET_CONFIG range outside the config space
+  kDeviceRejected,       // the device model refused (features, config write, ring)
 };
 
 // "WrongPayloadSize", ...: the enumerator without the k.
@@ -203,8 +207,8 @@ bool IsFramingError(VhostUserError e);
 template <typename T>
 class [[nodiscard]] VuResult {
  public:
-  VuResult(T value) : v_(std::move(value)) {}   // NOLINT: implicit by design
-  VuResult(VhostUserError e) : v_(e) {}         // NOLINT: implicit by design
+  VuResult(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  VuResult(VhostUserError e) : v_(e) {}        // NOLINT: implicit by design
   bool ok() const { return std::holds_alternative<T>(v_); }
   VhostUserError error() const { return std::get<VhostUserError>(v_); }
   T& value() & { return std::get<T>(v_); }
@@ -276,8 +280,8 @@ struct ConfigAccess {
 
 // How a request is answered when all goes well.
 enum class ReplyKind : uint8_t {
-  kNone,    // nothing, unless REPLY_ACK's need_reply asks for a u64 status
-  kBody,    // a request-specific payload (GET_FEATURES, GET_VRING_BASE, ...)
+  kNone,  // nothing, unless REPLY_ACK's need_reply asks for a u64 status
+  kBody,  // a request-specific payload (GET_FEATURES, GET_VRING_BASE, ...)
 };
 ReplyKind ReplyKindOf(uint32_t request);
 
@@ -343,6 +347,15 @@ VuResult<Message> ReadMessageBlocking(int fd, int timeout_ms = -1);
 // `nonblocking`, a full socket is kReplyNotSent rather than a wait.
 // kSocketError on other failures (EPIPE included; SIGPIPE is not raised).
 VuStatus SendMessage(int fd, const Message& m, bool nonblocking = false);
+
+// ---- The socket -------------------------------------------------------------------
+
+// Creates a non-blocking Unix stream socket listening at `path` (backlog 1:
+// one front end at a time). A stale socket file there (nobody accepts on
+// it) is replaced. Errors: InvalidArgument (path empty or longer than
+// sun_path allows, or an existing file that is not a socket, which is left
+// alone), Busy (a server is listening there), IoError.
+Result<UniqueFd> ListenOnUnixSocket(const std::string& path);
 
 }  // namespace kvblk::vhost_user
 

@@ -3,8 +3,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,10 +25,10 @@ using vhost_user::VuStatus;
 
 namespace {
 
-constexpr int kMaxQueues = 256;          // the vring index of SET_VRING_* fds is 8 bits
-constexpr uint32_t kMaxMemSlotsLimit = 509;  // QEMU's own ceiling for vhost-user slots
-constexpr int kMessagesPerWakeup = 64;   // then the loop gets a turn
-constexpr int kLogBudget = 50;           // rate-limited lines per connection
+constexpr int kMaxQueues = 256;              // the vring index of SET_VRING_* fds is 8 bits
+constexpr uint32_t kMaxMemSlotsLimit = 512;  // a generous cap (QEMU uses at most 512)
+constexpr int kMessagesPerWakeup = 64;       // then the loop gets a turn
+constexpr int kLogBudget = 50;               // rate-limited lines per connection
 
 uint64_t Bit(int b) { return uint64_t{1} << b; }
 
@@ -48,43 +46,6 @@ void Signal(const UniqueFd& fd) {
 }
 
 bool IsPowerOfTwo(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
-
-// Opens the listening socket at `path` (see VhostUserServerOptions).
-Result<UniqueFd> Listen(const std::string& path) {
-  sockaddr_un addr{};
-  if (path.empty() || path.size() >= sizeof addr.sun_path) {
-    return Status::InvalidArgument("socket path '" + path + "' is empty or longer than " +
-                                   std::to_string(sizeof addr.sun_path - 1) + " bytes");
-  }
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) {
-      return Status::InvalidArgument("'" + path + "' exists and is not a socket");
-    }
-    UniqueFd probe(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (!probe.valid()) return Status::FromErrno(errno, "socket");
-    if (connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-      return Status::Busy("socket '" + path + "' is in use by a running server");
-    }
-    if (errno != ECONNREFUSED) return Status::FromErrno(errno, "socket '" + path + "'");
-    // Nobody listens: a stale socket from an earlier run.
-    if (unlink(path.c_str()) < 0) return Status::FromErrno(errno, "remove stale '" + path + "'");
-  }
-  UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return Status::FromErrno(errno, "socket");
-  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) {
-    if (errno == EADDRINUSE) return Status::Busy("socket '" + path + "' is in use");
-    return Status::FromErrno(errno, "bind '" + path + "'");
-  }
-  if (listen(fd.get(), 1) < 0) {
-    int err = errno;
-    unlink(path.c_str());
-    return Status::FromErrno(err, "listen on '" + path + "'");
-  }
-  return fd;
-}
 
 }  // namespace
 
@@ -107,7 +68,9 @@ Result<std::unique_ptr<VhostUserServer>> VhostUserServer::Create(BlockDevice& di
                                    std::to_string(kMaxMemSlotsLimit));
   }
   if (!opts.log) {
-    opts.log = [](const std::string& line) { std::fprintf(stderr, "vhost-user: %s\n", line.c_str()); };
+    opts.log = [](const std::string& line) {
+      std::fprintf(stderr, "vhost-user: %s\n", line.c_str());
+    };
   }
   std::unique_ptr<VhostUserServer> s(
       new VhostUserServer(disk, std::move(opts), EventLoop::Current()));
@@ -118,7 +81,7 @@ Result<std::unique_ptr<VhostUserServer>> VhostUserServer::Create(BlockDevice& di
   if (conn.valid()) {
     s->opts_.connection_fd = conn.Release();
   } else {
-    KVBLK_ASSIGN_OR_RETURN(s->listen_fd_, Listen(s->opts_.socket_path));
+    KVBLK_ASSIGN_OR_RETURN(s->listen_fd_, vhost_user::ListenOnUnixSocket(s->opts_.socket_path));
     s->socket_created_ = true;
   }
   return s;
@@ -286,10 +249,10 @@ void VhostUserServer::OnConnReadable(uint64_t gen) {
   for (int i = 0; i < kMessagesPerWakeup && open && !stopping_; ++i) {
     auto r = reader_.Read(conn_fd_.get());
     if (!r.ok()) {
-      why = r.error() == VhostUserError::kPeerClosed
-                ? "front end disconnected"
-                : std::string("closing the connection: ") +
-                      vhost_user::VhostUserErrorName(r.error());
+      why =
+          r.error() == VhostUserError::kPeerClosed
+              ? "front end disconnected"
+              : std::string("closing the connection: ") + vhost_user::VhostUserErrorName(r.error());
       open = false;
       break;
     }
@@ -363,9 +326,9 @@ bool VhostUserServer::Negotiated(int protocol_bit) const {
 }
 
 bool VhostUserServer::Reply(const Message& request, std::vector<uint8_t> payload) {
-  VuStatus st = vhost_user::SendMessage(conn_fd_.get(),
-                                        vhost_user::MakeReply(request, std::move(payload)),
-                                        /*nonblocking=*/true);
+  VuStatus st =
+      vhost_user::SendMessage(conn_fd_.get(), vhost_user::MakeReply(request, std::move(payload)),
+                              /*nonblocking=*/true);
   if (!st.ok()) {
     Log(std::string("reply to ") + vhost_user::RequestName(request.request) +
         " not sent: " + vhost_user::VhostUserErrorName(st.error()));
@@ -386,8 +349,8 @@ bool VhostUserServer::HandleMessage(Message m) {
     if (ack) return Reply(m, vhost_user::EncodeU64(0));
     return true;
   }
-  std::string line = std::string(vhost_user::RequestName(request)) + " refused: " +
-                     vhost_user::VhostUserErrorName(st.error());
+  std::string line = std::string(vhost_user::RequestName(request)) +
+                     " refused: " + vhost_user::VhostUserErrorName(st.error());
   if (!error_detail_.empty()) line += " (" + error_detail_ + ")";
   if (st.error() == VhostUserError::kUnknownRequest) {
     Log(line + " (request " + std::to_string(request) + ")");
@@ -466,20 +429,11 @@ VuStatus VhostUserServer::Dispatch(Message& m, std::optional<std::vector<uint8_t
     case Request::kGetQueueNum:
       body = vhost_user::EncodeU64(static_cast<uint64_t>(opts_.device.num_queues));
       return {};
-    case Request::kSetVringNum: {
-      auto s = vhost_user::DecodeVringState(m);
-      if (!s.ok()) return s.error();
-      auto v = VringFor(s->index);
-      if (!v.ok()) return v.error();
-      if ((*v)->running) return VhostUserError::kQueueRunning;
-      if (s->num > device_->max_queue_size() || !IsPowerOfTwo(s->num)) {
-        error_detail_ = "size " + std::to_string(s->num) + ", at most " +
-                        std::to_string(device_->max_queue_size());
-        return VhostUserError::kInvalidQueueSize;
-      }
-      (*v)->num = static_cast<uint16_t>(s->num);
-      return {};
-    }
+    case Request::kSetVringNum:
+    case Request::kSetVringBase:
+    case Request::kGetVringBase:
+    case Request::kSetVringEnable:
+      return HandleVringState(m, body);
     case Request::kSetVringAddr: {
       auto a = vhost_user::DecodeVringAddr(m);
       if (!a.ok()) return a.error();
@@ -490,47 +444,52 @@ VuStatus VhostUserServer::Dispatch(Message& m, std::optional<std::vector<uint8_t
       (*v)->addr = *a;
       return {};
     }
-    case Request::kSetVringBase: {
-      auto s = vhost_user::DecodeVringState(m);
-      if (!s.ok()) return s.error();
-      auto v = VringFor(s->index);
-      if (!v.ok()) return v.error();
-      if ((*v)->running) return VhostUserError::kQueueRunning;
-      if (s->num > 0xffff) return VhostUserError::kInvalidValue;  // split rings only
-      (*v)->base = static_cast<uint16_t>(s->num);
-      return {};
-    }
-    case Request::kGetVringBase: {
-      auto s = vhost_user::DecodeVringState(m);
-      if (!s.ok()) return s.error();
-      auto v = VringFor(s->index);
-      if (!v.ok()) return v.error();
-      const int q = static_cast<int>(s->index);
-      StopRing(q);
-      (*v)->started = false;
-      DropKickFd(q);
-      body = vhost_user::EncodeVringState(VringState{s->index, (*v)->base});
-      return {};
-    }
     case Request::kSetVringKick:
     case Request::kSetVringCall:
     case Request::kSetVringErr:
       return HandleVringFd(m);
-    case Request::kSetVringEnable: {
-      auto s = vhost_user::DecodeVringState(m);
-      if (!s.ok()) return s.error();
-      auto v = VringFor(s->index);
-      if (!v.ok()) return v.error();
-      if (s->num > 1) return VhostUserError::kInvalidValue;
-      (*v)->enabled = s->num == 1;
-      return UpdateRing(static_cast<int>(s->index));
-    }
     case Request::kGetConfig:
       return HandleGetConfig(m, body);
     case Request::kSetConfig:
       return HandleSetConfig(m);
     default:
       return VhostUserError::kUnsupportedRequest;  // CheckMessageShape lets none through
+  }
+}
+
+VuStatus VhostUserServer::HandleVringState(const Message& m,
+                                           std::optional<std::vector<uint8_t>>& body) {
+  auto s = vhost_user::DecodeVringState(m);
+  if (!s.ok()) return s.error();
+  auto found = VringFor(s->index);
+  if (!found.ok()) return found.error();
+  Vring& v = **found;
+  const int q = static_cast<int>(s->index);
+  switch (static_cast<Request>(m.request)) {
+    case Request::kSetVringNum:
+      if (v.running) return VhostUserError::kQueueRunning;
+      if (s->num > device_->max_queue_size() || !IsPowerOfTwo(s->num)) {
+        error_detail_ = "size " + std::to_string(s->num) + ", at most " +
+                        std::to_string(device_->max_queue_size());
+        return VhostUserError::kInvalidQueueSize;
+      }
+      v.num = static_cast<uint16_t>(s->num);
+      return {};
+    case Request::kSetVringBase:
+      if (v.running) return VhostUserError::kQueueRunning;
+      if (s->num > 0xffff) return VhostUserError::kInvalidValue;  // split rings only
+      v.base = static_cast<uint16_t>(s->num);
+      return {};
+    case Request::kGetVringBase:
+      StopRing(q);
+      v.started = false;
+      DropKickFd(q);
+      body = vhost_user::EncodeVringState(VringState{s->index, v.base});
+      return {};
+    default:  // kSetVringEnable
+      if (s->num > 1) return VhostUserError::kInvalidValue;
+      v.enabled = s->num == 1;
+      return UpdateRing(q);
   }
 }
 
@@ -674,14 +633,14 @@ VuStatus VhostUserServer::HandleSetConfig(const Message& m) {
     return VhostUserError::kInvalidValue;
   }
   if (uint64_t{c->offset} + c->data.size() > device_->config_size()) {
-    error_detail_ = "offset " + std::to_string(c->offset) + " size " +
-                    std::to_string(c->data.size());
+    error_detail_ =
+        "offset " + std::to_string(c->offset) + " size " + std::to_string(c->data.size());
     return VhostUserError::kBadConfigAccess;
   }
   // Read-only fields stay read-only even for migration: there is no
   // migration support to accept them for.
-  Status st = device_->WriteConfig(c->offset, c->data.data(),
-                                   static_cast<uint32_t>(c->data.size()));
+  Status st =
+      device_->WriteConfig(c->offset, c->data.data(), static_cast<uint32_t>(c->data.size()));
   if (!st.ok()) {
     error_detail_ = st.message();
     return VhostUserError::kDeviceRejected;
@@ -693,8 +652,8 @@ VuStatus VhostUserServer::HandleSetConfig(const Message& m) {
 
 VuStatus VhostUserServer::UpdateRing(int q) {
   Vring& v = vrings_[static_cast<size_t>(q)];
-  const bool want = v.started && (v.enabled || !protocol_features_acked_) &&
-                    !memory_.empty() && v.addr.has_value() && v.num != 0;
+  const bool want = v.started && (v.enabled || !protocol_features_acked_) && !memory_.empty() &&
+                    v.addr.has_value() && v.num != 0;
   if (want == v.running) return {};
   if (!want) {
     StopRing(q);
@@ -799,7 +758,8 @@ void VhostUserServer::OnInterrupt(int q) {
     }
     return;
   }
-  if (q >= 0 && static_cast<size_t>(q) < vrings_.size()) Signal(vrings_[static_cast<size_t>(q)].call);
+  if (q >= 0 && static_cast<size_t>(q) < vrings_.size())
+    Signal(vrings_[static_cast<size_t>(q)].call);
 }
 
 // ---- Logging ---------------------------------------------------------------------

@@ -159,6 +159,9 @@ class VhostUserServer {
   bool HandleMessage(vhost_user::Message m);
   vhost_user::VuStatus Dispatch(vhost_user::Message& m, std::optional<std::vector<uint8_t>>& body);
   vhost_user::VuStatus HandleSetFeatures(const vhost_user::Message& m);
+  // SET_VRING_NUM, SET_VRING_BASE, GET_VRING_BASE, SET_VRING_ENABLE.
+  vhost_user::VuStatus HandleVringState(const vhost_user::Message& m,
+                                        std::optional<std::vector<uint8_t>>& body);
   vhost_user::VuStatus HandleMemoryChange(vhost_user::Message& m);
   vhost_user::VuStatus HandleVringFd(vhost_user::Message& m);
   vhost_user::VuStatus HandleGetConfig(const vhost_user::Message& m,

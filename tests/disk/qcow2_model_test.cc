@@ -17,6 +17,7 @@
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <chrono>
 #include <coroutine>
 #include <cstdint>
 #include <memory>
@@ -555,12 +556,23 @@ TEST_F(Qcow2Races, StaleL2WriteBackNeverOverwritesNewerCopy) {
   ASSERT_TRUE(gate_.has_waiter()) << "table 0 was never written back";
 
   // The table changes while its old copy is in flight, and a flush makes the
-  // change durable and frees the discarded cluster.
+  // change durable and frees the discarded cluster. The flush may have to
+  // wait for the held copy: let it get as far as it can, then release the
+  // held write. (A bounded wait for the flush to settle, not a timing
+  // assertion.)
   ASSERT_TRUE(RunSync(dev_->Discard(a, kRaceCluster)).ok());
-  ASSERT_TRUE(RunSync(dev_->Flush()).ok());
+  bool f_done = false;
+  Status f_status;
+  Spawn(dev_->Flush(), [&](Status st) {
+    f_status = std::move(st);
+    f_done = true;
+  });
+  const auto settle = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  while (!f_done && std::chrono::steady_clock::now() < settle) loop.RunOnce();
 
   gate_.Open();
-  loop.RunUntil([&] { return r1_done; });
+  loop.RunUntil([&] { return r1_done && f_done; });
+  ASSERT_TRUE(f_status.ok()) << f_status.ToString();
 
   // Push table 0 out of the cache (clean now) and reuse the freed cluster.
   ASSERT_TRUE(ReadRange(*dev_, 3 * kTableSpan, 512).ok());

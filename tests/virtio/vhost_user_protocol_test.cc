@@ -2,6 +2,7 @@
 // framing over a real Unix socket pair (with descriptors in SCM_RIGHTS).
 #include "virtio/vhost_user_protocol.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -9,7 +10,6 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <dirent.h>
 
 namespace kvblk::vhost_user {
 namespace {
@@ -152,11 +152,12 @@ TEST(VhostUserShape, AcceptsWellFormedMessages) {
   EXPECT_TRUE(CheckMessageShape(Msg(Request::kGetVringBase, EncodeVringState({0, 0}))).ok());
   EXPECT_TRUE(CheckMessageShape(Msg(Request::kSetVringKick, EncodeU64(0), 1)).ok());
   EXPECT_TRUE(CheckMessageShape(Msg(Request::kSetVringCall, EncodeU64(kVringNoFdMask))).ok());
-  EXPECT_TRUE(CheckMessageShape(
-                  Msg(Request::kSetMemTable, EncodeMemTable({{0, 4096, 0, 0}, {8192, 4096, 8192, 0}}), 2))
+  EXPECT_TRUE(CheckMessageShape(Msg(Request::kSetMemTable,
+                                    EncodeMemTable({{0, 4096, 0, 0}, {8192, 4096, 8192, 0}}), 2))
                   .ok());
-  EXPECT_TRUE(CheckMessageShape(Msg(Request::kGetConfig, EncodeConfig({0, 0, std::vector<uint8_t>(60)})))
-                  .ok());
+  EXPECT_TRUE(
+      CheckMessageShape(Msg(Request::kGetConfig, EncodeConfig({0, 0, std::vector<uint8_t>(60)})))
+          .ok());
   EXPECT_TRUE(CheckMessageShape(Msg(Request::kAddMemReg, EncodeSingleRegion({}), 1)).ok());
   EXPECT_TRUE(CheckMessageShape(Msg(Request::kRemMemReg, EncodeSingleRegion({}))).ok());
   // REM_MEM_REG "MAY accept" one descriptor (closed unused).
@@ -189,8 +190,8 @@ TEST(VhostUserShape, RejectsWrongFdCount) {
   // The "no fd" bit with a descriptor anyway.
   EXPECT_EQ(CheckMessageShape(Msg(Request::kSetVringErr, EncodeU64(kVringNoFdMask), 1)).error(),
             VhostUserError::kWrongFdCount);
-  EXPECT_EQ(CheckMessageShape(
-                Msg(Request::kSetMemTable, EncodeMemTable({{0, 4096, 0, 0}, {8192, 4096, 8192, 0}}), 1))
+  EXPECT_EQ(CheckMessageShape(Msg(Request::kSetMemTable,
+                                  EncodeMemTable({{0, 4096, 0, 0}, {8192, 4096, 8192, 0}}), 1))
                 .error(),
             VhostUserError::kWrongFdCount);
   EXPECT_EQ(CheckMessageShape(Msg(Request::kAddMemReg, EncodeSingleRegion({}))).error(),
@@ -222,7 +223,8 @@ TEST(VhostUserShape, RejectsUnknownAndUnsupportedRequests) {
             VhostUserError::kUnsupportedRequest);
   EXPECT_EQ(CheckMessageShape(Msg(Request::kVringKick, EncodeVringState({0, 0}))).error(),
             VhostUserError::kUnsupportedRequest);
-  EXPECT_EQ(CheckMessageShape(Msg(Request::kIotlbMsg)).error(), VhostUserError::kUnsupportedRequest);
+  EXPECT_EQ(CheckMessageShape(Msg(Request::kIotlbMsg)).error(),
+            VhostUserError::kUnsupportedRequest);
 }
 
 TEST(VhostUserShape, ReplyKinds) {
@@ -327,7 +329,8 @@ TEST_F(VhostUserFraming, ReaderRejectsTooManyDescriptorsAndClosesThem) {
     // SendMessage refuses more than kMaxFds, so build the message by hand.
     std::vector<int> fds;
     for (int i = 0; i < kMaxFds + 1; ++i) fds.push_back(eventfd(0, EFD_CLOEXEC));
-    std::vector<uint8_t> bytes = Header(m.request, kVersion, static_cast<uint32_t>(m.payload.size()));
+    std::vector<uint8_t> bytes =
+        Header(m.request, kVersion, static_cast<uint32_t>(m.payload.size()));
     bytes.insert(bytes.end(), m.payload.begin(), m.payload.end());
     iovec iov{bytes.data(), bytes.size()};
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * (kMaxFds + 1))] = {};

@@ -30,6 +30,7 @@ namespace {
 
 using testing::PatternBytes;
 using testing::TempDir;
+using vblk::FeatureBit;
 using vhost_user::ConfigAccess;
 using vhost_user::DecodeConfig;
 using vhost_user::DecodeU64;
@@ -46,7 +47,6 @@ using vhost_user::Request;
 using vhost_user::UniqueFd;
 using vhost_user::VhostUserError;
 using vhost_user::VringAddr;
-using vblk::FeatureBit;
 
 constexpr uint64_t kDiskSize = 1 << 20;
 constexpr uint64_t kGuestBase = 0x40000000;
@@ -202,7 +202,8 @@ class FrontEnd {
 
   Message Recv(Request expected) {
     auto m = vhost_user::ReadMessageBlocking(sock_.get(), kTimeoutMs);
-    EXPECT_TRUE(m.ok()) << "no reply to " << vhost_user::RequestName(static_cast<uint32_t>(expected));
+    EXPECT_TRUE(m.ok()) << "no reply to "
+                        << vhost_user::RequestName(static_cast<uint32_t>(expected));
     if (!m.ok()) return Message();
     EXPECT_EQ(m->request, static_cast<uint32_t>(expected));
     EXPECT_EQ(m->flags, vhost_user::kVersion | vhost_user::kFlagReply);
@@ -332,6 +333,7 @@ class ServerThread {
   }
 
   void StopAndJoin() {
+    if (!thread_.joinable()) return;
     if (server_ != nullptr) server_->Stop();
     release_.set_value();
     thread_.join();
@@ -395,9 +397,11 @@ class VhostUserServerTest : public ::testing::Test {
     if (!ack_protocol_bit) acked &= ~(uint64_t{1} << vhost_user::kFProtocolFeatures);
     ASSERT_EQ(fe.Ack(Request::kSetFeatures, EncodeU64(acked)), 0u);
     if (add_mem_reg) {
-      ASSERT_EQ(fe.Ack(Request::kAddMemReg, EncodeSingleRegion(ram_.Region()), One(ram_.Fd())), 0u);
+      ASSERT_EQ(fe.Ack(Request::kAddMemReg, EncodeSingleRegion(mem_->Region()), One(mem_->Fd())),
+                0u);
     } else {
-      ASSERT_EQ(fe.Ack(Request::kSetMemTable, EncodeMemTable({ram_.Region()}), One(ram_.Fd())), 0u);
+      ASSERT_EQ(fe.Ack(Request::kSetMemTable, EncodeMemTable({mem_->Region()}), One(mem_->Fd())),
+                0u);
     }
     SetUpRing(fe, 0, ring, fds, 0, send_enable);
   }
@@ -409,7 +413,9 @@ class VhostUserServerTest : public ::testing::Test {
     ASSERT_EQ(fe.Ack(Request::kSetVringAddr, EncodeVringAddr(ring.Addr(q))), 0u);
     ASSERT_EQ(fe.Ack(Request::kSetVringCall, EncodeU64(q), One(UniqueFd(dup(fds.call.get())))), 0u);
     ASSERT_EQ(fe.Ack(Request::kSetVringKick, EncodeU64(q), One(UniqueFd(dup(fds.kick.get())))), 0u);
-    if (send_enable) ASSERT_EQ(fe.Ack(Request::kSetVringEnable, EncodeVringState({q, 1})), 0u);
+    if (send_enable) {
+      ASSERT_EQ(fe.Ack(Request::kSetVringEnable, EncodeVringState({q, 1})), 0u);
+    }
   }
 
   // Runs one request to completion; returns its status byte.
@@ -429,6 +435,7 @@ class VhostUserServerTest : public ::testing::Test {
   std::shared_ptr<MemFileData> data_;
   ServerThread server_;
   GuestRam ram_;
+  GuestRam* mem_ = &ram_;  // the memory Handshake() shares
   std::unique_ptr<FrontEnd> fe_;
   uint64_t features_ = 0;
 };
@@ -653,18 +660,25 @@ TEST_F(VhostUserServerTest, RefusedRequestsAreNackedAndTheConnectionGoesOn) {
   VringAddr logged;
   logged.flags = vhost_user::kVringFLog;
   std::vector<Case> cases = {
-      {Request::kSetVringNum, EncodeVringState({5, 16}), 0, "SET_VRING_NUM refused: InvalidQueueIndex"},
-      {Request::kSetVringNum, EncodeVringState({0, 24}), 0, "SET_VRING_NUM refused: InvalidQueueSize"},
-      {Request::kSetVringNum, EncodeVringState({0, 65536}), 0, "SET_VRING_NUM refused: InvalidQueueSize"},
+      {Request::kSetVringNum, EncodeVringState({5, 16}), 0,
+       "SET_VRING_NUM refused: InvalidQueueIndex"},
+      {Request::kSetVringNum, EncodeVringState({0, 24}), 0,
+       "SET_VRING_NUM refused: InvalidQueueSize"},
+      {Request::kSetVringNum, EncodeVringState({0, 65536}), 0,
+       "SET_VRING_NUM refused: InvalidQueueSize"},
       {Request::kSetVringBase, {0, 0, 0, 0}, 0, "SET_VRING_BASE refused: WrongPayloadSize"},
-      {Request::kSetVringBase, EncodeVringState({0, 0x10000}), 0, "SET_VRING_BASE refused: InvalidValue"},
-      {Request::kSetVringEnable, EncodeVringState({0, 2}), 0, "SET_VRING_ENABLE refused: InvalidValue"},
-      {Request::kSetVringAddr, EncodeVringAddr(logged), 0, "SET_VRING_ADDR refused: LoggingNotSupported"},
+      {Request::kSetVringBase, EncodeVringState({0, 0x10000}), 0,
+       "SET_VRING_BASE refused: InvalidValue"},
+      {Request::kSetVringEnable, EncodeVringState({0, 2}), 0,
+       "SET_VRING_ENABLE refused: InvalidValue"},
+      {Request::kSetVringAddr, EncodeVringAddr(logged), 0,
+       "SET_VRING_ADDR refused: LoggingNotSupported"},
       {Request::kSetVringKick, EncodeU64(vhost_user::kVringNoFdMask), 0,
        "SET_VRING_KICK refused: PollingNotSupported"},
       {Request::kSetVringCall, EncodeU64(0), 0, "SET_VRING_CALL refused: WrongFdCount"},
       {Request::kSetVringCall, EncodeU64(0x200), 1, "SET_VRING_CALL refused: InvalidValue"},
-      {Request::kSetFeatures, EncodeU64(uint64_t{1} << 63), 0, "SET_FEATURES refused: FeatureNotOffered"},
+      {Request::kSetFeatures, EncodeU64(uint64_t{1} << 63), 0,
+       "SET_FEATURES refused: FeatureNotOffered"},
       {Request::kSetFeatures, EncodeU64(0), 0, "SET_FEATURES refused: DeviceRejected"},
       {Request::kSetProtocolFeatures, EncodeU64(1u << vhost_user::kProtocolFLogShmfd), 0,
        "SET_PROTOCOL_FEATURES refused: FeatureNotOffered"},
@@ -744,15 +758,15 @@ TEST_F(VhostUserServerTest, ServesOneFrontEndAfterAnotherAndRemovesTheSocket) {
   }  // disconnects
   {
     GuestRam ram2;  // a new front end, new memory
-    std::swap(ram_, ram2);
+    mem_ = &ram2;
     FrontEnd fe(Connect(path));
-    DriverRing ring(ram_, kGuestBase);
+    DriverRing ring(ram2, kGuestBase);
     QueueFds fds;
     Handshake(fe, ring, fds);
     BlkReq r;
     EXPECT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, 100, {}, 2048), vblk::kStatusOk);
     EXPECT_EQ(ring.Data(r), pattern);
-    std::swap(ram_, ram2);
+    mem_ = &ram_;
   }
   server_.StopAndJoin();
   EXPECT_TRUE(server_.WaitRun().ok());

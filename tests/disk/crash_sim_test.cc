@@ -1,0 +1,890 @@
+// Crash simulation: power loss at sampled moments of qcow2 workloads.
+//
+// Each workload runs concurrent guest requests (allocating writes,
+// overwrites, copy on write over a backing file, discards, write zeroes,
+// compressed writes, flushes) against a Qcow2Device on a CrashFile. From the
+// recorded history we build the image a power cut could leave at sampled
+// moments (a subset of the unflushed host writes, some torn at 512-byte
+// sectors) and check each one:
+//  - `qemu-img check` finds no corruption (leaks are allowed);
+//  - kvblk opens it read-write;
+//  - every guest sector holds a value the guest may see: the data of the
+//    writes that completed before a completed guest flush was issued (or of
+//    a later write), and otherwise its old or its new contents (a discard
+//    adds "zeros" to the choices);
+//  - kvblk keeps working on it: new writes, a discard and a flush succeed,
+//    read back, and `qemu-img check` still finds no corruption after close.
+//
+// Environment: KVBLK_CRASH_STATES (total states over all workloads, default
+// 512), KVBLK_CRASH_SEED (a number, or "random"; default 1),
+// KVBLK_CRASH_KEEP (directory for failing states, default
+// /tmp/kvblk-crash-failures).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <ostream>
+#include <random>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "disk/qcow2_device.h"
+#include "disk/qcow2_format.h"
+#include "disk/refcount.h"
+#include "kvblk/event_loop.h"
+#include "kvblk/image_create.h"
+#include "tests/support/crash_file.h"
+#include "tests/support/qemu_util.h"
+#include "tests/support/test_util.h"
+
+namespace kvblk::testing {
+namespace {
+
+constexpr uint64_t kSector = 512;
+constexpr uint64_t kNotYet = CrashFile::kInFlight;
+
+// --- sector contents ---------------------------------------------------------
+// A guest sector holds a value: 0 (zeros), 1 (the initial contents: the
+// backing file's pattern) or the id of the write that stored it. The id and
+// the sector number are embedded, so a read identifies where data came from;
+// the body is compressible so compressed writes stay compressed.
+constexpr uint32_t kZeroValue = 0;
+constexpr uint32_t kBackingValue = 1;
+constexpr char kMagic[8] = {'K', 'V', 'C', 'R', 'A', 'S', 'H', '!'};
+
+void FillSector(uint8_t* p, uint32_t value, uint64_t sector) {
+  if (value == kZeroValue) {
+    std::memset(p, 0, kSector);
+    return;
+  }
+  std::memcpy(p, kMagic, 8);
+  std::memcpy(p + 8, &value, 4);
+  std::memcpy(p + 12, &sector, 8);
+  for (size_t i = 20; i < kSector; ++i) {
+    p[i] = static_cast<uint8_t>(value * 131 + sector * 17 + i / 16);
+  }
+}
+
+std::vector<uint8_t> Pattern(uint32_t value, uint64_t first_sector, uint64_t sectors) {
+  std::vector<uint8_t> v(sectors * kSector);
+  for (uint64_t i = 0; i < sectors; ++i) FillSector(&v[i * kSector], value, first_sector + i);
+  return v;
+}
+
+// The value `p` holds as guest sector `sector`, or -1 if it is none.
+int64_t Identify(const uint8_t* p, uint64_t sector) {
+  if (p[0] == 0 && std::memcmp(p, p + 1, kSector - 1) == 0) return kZeroValue;
+  if (std::memcmp(p, kMagic, 8) != 0) return -1;
+  uint32_t value;
+  std::memcpy(&value, p + 8, 4);
+  uint8_t want[kSector];
+  FillSector(want, value, sector);
+  return std::memcmp(p, want, kSector) == 0 ? value : -1;
+}
+
+// --- guest operations and the model -----------------------------------------
+
+struct GuestOp {
+  enum class Kind : uint8_t { kWrite, kZeroes, kDiscard, kFlush, kCompressed };
+  Kind kind = Kind::kWrite;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint32_t value = kZeroValue;  // kWrite / kCompressed
+  bool may_unmap = false;
+  std::vector<uint8_t> data;
+  uint64_t issued = kNotYet;
+  uint64_t completed = kNotYet;
+  Status status;
+};
+
+const char* KindName(GuestOp::Kind k) {
+  switch (k) {
+    case GuestOp::Kind::kWrite: return "write";
+    case GuestOp::Kind::kZeroes: return "zeroes";
+    case GuestOp::Kind::kDiscard: return "discard";
+    case GuestOp::Kind::kFlush: return "flush";
+    case GuestOp::Kind::kCompressed: return "compressed";
+  }
+  return "?";
+}
+
+// What each guest sector may hold after a power cut at time `t`.
+class Expectation {
+ public:
+  Expectation(const std::deque<GuestOp>& ops, uint64_t t, uint64_t sectors, uint32_t initial)
+      : allowed_(sectors) {
+    uint64_t g = 0;  // writes completed before g are durable
+    for (const auto& op : ops) {
+      if (op.kind == GuestOp::Kind::kFlush && op.status.ok() && op.completed < t) {
+        g = std::max(g, op.issued);
+      }
+    }
+    // Per sector: the durable ops and the possible ones that touch it.
+    std::vector<std::vector<const GuestOp*>> durable(sectors), possible(sectors);
+    for (const auto& op : ops) {
+      if (op.kind == GuestOp::Kind::kFlush || !op.status.ok() || op.issued >= t) continue;
+      uint64_t first = op.offset / kSector;
+      uint64_t end = std::min(sectors, (op.offset + op.length + kSector - 1) / kSector);
+      auto& dst = op.completed < g ? durable : possible;
+      for (uint64_t s = first; s < end; ++s) dst[s].push_back(&op);
+    }
+    for (uint64_t s = 0; s < sectors; ++s) {
+      auto& a = allowed_[s];
+      bool overwritten = false;
+      for (const GuestOp* x : durable[s]) {
+        if (x->kind == GuestOp::Kind::kDiscard) continue;
+        overwritten = true;
+      }
+      if (!overwritten) a.push_back(initial);
+      for (const GuestOp* x : durable[s]) {
+        bool superseded = false;
+        for (const GuestOp* y : durable[s]) {
+          if (y->kind != GuestOp::Kind::kDiscard && x->completed < y->issued) superseded = true;
+        }
+        if (!superseded) a.push_back(ValueOf(*x));
+      }
+      for (const GuestOp* x : possible[s]) a.push_back(ValueOf(*x));
+      std::sort(a.begin(), a.end());
+      a.erase(std::unique(a.begin(), a.end()), a.end());
+    }
+  }
+
+  bool Allows(uint64_t sector, int64_t value) const {
+    const auto& a = allowed_[sector];
+    return value >= 0 && std::binary_search(a.begin(), a.end(), static_cast<uint32_t>(value));
+  }
+  std::string Describe(uint64_t sector) const {
+    std::string s = "{";
+    for (uint32_t v : allowed_[sector]) s += (s.size() > 1 ? "," : "") + std::to_string(v);
+    return s + "}";
+  }
+
+ private:
+  static uint32_t ValueOf(const GuestOp& op) {
+    return op.kind == GuestOp::Kind::kWrite || op.kind == GuestOp::Kind::kCompressed ? op.value
+                                                                                      : kZeroValue;
+  }
+  std::vector<std::vector<uint32_t>> allowed_;
+};
+
+// --- workloads -----------------------------------------------------------------
+
+struct Workload {
+  const char* name;
+  uint32_t cluster_size;
+  int refcount_bits;
+  bool v3;
+  bool lazy_refcounts;
+  bool backing;
+  uint64_t disk_size;
+  uint64_t l2_cache_bytes;  // 0: default (whole disk)
+  int batches;              // rounds of concurrent requests
+  int max_batch;            // requests in flight per round
+  uint64_t max_write_sectors;
+  bool hot_spot;            // most requests in the first quarter of the disk
+  bool compressed;          // include compressed writes
+};
+
+void PrintTo(const Workload& w, std::ostream* os) { *os << w.name; }
+
+const Workload kWorkloads[] = {
+    // name, cluster, refcount bits, v3, lazy refcounts, backing, disk size,
+    // L2 cache bytes, rounds, max in flight, max write sectors, hot spot,
+    // compressed writes
+    {"Alloc4kRc16", 4096, 16, true, false, false, 4 << 20, 0, 40, 6, 24, true, true},
+    {"CowBacking4kRc64", 4096, 64, true, false, true, 4 << 20, 8192, 40, 6, 24, true, false},
+    {"Tiny512Rc1", 512, 1, true, false, false, 3 << 20, 2048, 50, 5, 48, false, true},
+    {"RefcountGrowth512Rc64", 512, 64, true, false, false, 4 << 20, 0, 90, 6, 96, false, false},
+    {"V2Backing512Rc16", 512, 16, false, false, true, 2 << 20, 0, 40, 5, 24, true, false},
+    {"LazyRefcounts4kRc16", 4096, 16, true, true, true, 4 << 20, 0, 30, 6, 24, true, false},
+};
+
+uint64_t EnvU64(const char* name, uint64_t def) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return def;
+  return std::strtoull(v, nullptr, 0);
+}
+
+uint64_t BaseSeed() {
+  static const uint64_t seed = [] {
+    const char* v = std::getenv("KVBLK_CRASH_SEED");
+    if (v != nullptr && std::string(v) == "random") {
+      return static_cast<uint64_t>(std::random_device{}()) << 32 | std::random_device{}();
+    }
+    return EnvU64("KVBLK_CRASH_SEED", 1);
+  }();
+  return seed;
+}
+
+uint64_t g_states_checked = 0;
+
+class CrashSimEnvironment : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (g_states_checked > 0) {
+      std::printf("crash states checked: %llu (KVBLK_CRASH_SEED=%llu)\n",
+                  static_cast<unsigned long long>(g_states_checked),
+                  static_cast<unsigned long long>(BaseSeed()));
+    }
+  }
+};
+[[maybe_unused]] const bool kEnvRegistered =
+    (::testing::AddGlobalTestEnvironment(new CrashSimEnvironment), true);
+
+// Runs the loop until `done`, failing (instead of hanging) if nothing can
+// make progress for `limit`.
+bool DrainUntil(const std::function<bool()>& done, std::chrono::seconds limit) {
+  EventLoop& loop = EventLoop::Current();
+  auto idle_since = std::chrono::steady_clock::now();
+  while (!done()) {
+    if (loop.RunOnce()) {
+      idle_since = std::chrono::steady_clock::now();
+    } else if (std::chrono::steady_clock::now() - idle_since > limit) {
+      return false;
+    }
+  }
+  return true;
+}
+
+struct QemuCheck {
+  int exit_code = -1;
+  long corruptions = -1;
+  long check_errors = -1;
+  long leaks = 0;
+  std::string output;
+  bool ok() const {
+    return (exit_code == 0 || exit_code == 3) && corruptions == 0 && check_errors == 0;
+  }
+};
+
+long JsonNumber(const std::string& json, const std::string& key, long absent) {
+  size_t p = json.find("\"" + key + "\":");
+  if (p == std::string::npos) return absent;
+  return std::strtol(json.c_str() + p + key.size() + 3, nullptr, 10);
+}
+
+// Runs `qemu-img check --output=json` on every file (a few at a time).
+std::vector<QemuCheck> QemuCheckAll(const std::vector<std::string>& files) {
+  std::string list;
+  for (const auto& f : files) list += ShellQuote(f) + " ";
+  Sh("printf '%s\\n' " + list +
+     "| xargs -P 3 -I{} sh -c 'qemu-img check --output=json \"$1\" > \"$1.json\" 2>&1; "
+     "echo $? > \"$1.rc\"' _ {}");
+  std::vector<QemuCheck> out;
+  for (const auto& f : files) {
+    QemuCheck c;
+    auto json = ReadFileBytes(f + ".json");
+    c.output.assign(json.begin(), json.end());
+    auto rc = ReadFileBytes(f + ".rc");
+    if (!rc.empty()) c.exit_code = std::atoi(std::string(rc.begin(), rc.end()).c_str());
+    // `corruptions` and `leaks` are left out of the JSON when zero.
+    c.corruptions = JsonNumber(c.output, "corruptions", 0);
+    c.check_errors = JsonNumber(c.output, "check-errors", -1);
+    c.leaks = JsonNumber(c.output, "leaks", 0);
+    std::remove((f + ".json").c_str());
+    std::remove((f + ".rc").c_str());
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+class CrashSim : public ::testing::TestWithParam<Workload> {
+ protected:
+  void SetUp() override {
+    const Workload& w = GetParam();
+    uint64_t name_hash = 1469598103934665603ull;  // FNV-1a: stable across builds
+    for (const char* c = w.name; *c; ++c) name_hash = (name_hash ^ uint8_t(*c)) * 1099511628211ull;
+    seed_ = BaseSeed() * 0x9e3779b97f4a7c15ull + name_hash;
+    rng_.seed(seed_);
+    sectors_ = w.disk_size / kSector;
+    initial_ = w.backing ? kBackingValue : kZeroValue;
+    image_ = dir_.File("img.qcow2");
+    CreateOptions o;
+    o.size = w.disk_size;
+    o.cluster_size = w.cluster_size;
+    o.refcount_bits = w.refcount_bits;
+    o.compat_v3 = w.v3;
+    o.lazy_refcounts = w.lazy_refcounts;
+    if (w.backing) {
+      WriteFileBytes(dir_.File("backing.raw"), Pattern(kBackingValue, 0, sectors_));
+      o.backing_file = "backing.raw";  // relative: state files sit next to it
+      o.backing_format = "raw";
+    }
+    Status st = CreateImage(image_, o);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    auto file = std::make_unique<CrashFile>(image_, ReadFileBytes(image_), seed_);
+    file_ = file.get();
+    OpenOptions oo;
+    oo.format = "qcow2";
+    oo.l2_cache_bytes = w.l2_cache_bytes;
+    oo.refcount_cache_bytes = 4ull * w.cluster_size;
+    auto dev = RunSync(qcow2::Qcow2Device::Open(std::move(file), oo, 0));
+    ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+    dev_ = std::move(*dev);
+  }
+
+  uint64_t Rand(uint64_t n) { return n == 0 ? 0 : rng_() % n; }
+
+  // A random guest request (not yet issued).
+  GuestOp MakeOp() {
+    const Workload& w = GetParam();
+    const uint64_t cs = w.cluster_size / kSector;  // sectors per cluster
+    GuestOp op;
+    uint64_t r = Rand(100);
+    if (r < 50) {
+      op.kind = GuestOp::Kind::kWrite;
+    } else if (r < 60) {
+      op.kind = GuestOp::Kind::kZeroes;
+    } else if (r < 72) {
+      op.kind = GuestOp::Kind::kDiscard;
+    } else if (r < 87) {
+      op.kind = GuestOp::Kind::kFlush;
+      return op;
+    } else {
+      op.kind = w.compressed ? GuestOp::Kind::kCompressed : GuestOp::Kind::kWrite;
+    }
+    uint64_t span = w.hot_spot && Rand(10) < 7 ? sectors_ / 4 : sectors_;
+    uint64_t first = Rand(span);
+    uint64_t n = 1 + Rand(w.max_write_sectors);
+    if (op.kind == GuestOp::Kind::kCompressed) {
+      first = first / cs * cs;
+      n = cs;
+    } else if (op.kind != GuestOp::Kind::kWrite && Rand(10) < 7) {
+      // Mostly whole clusters, so that discard and zeroing change mappings.
+      first = first / cs * cs;
+      n = cs * (1 + Rand(3));
+    } else if (Rand(10) < 3) {
+      first = first / cs * cs;
+    }
+    n = std::min(n, sectors_ - first);
+    op.offset = first * kSector;
+    op.length = n * kSector;
+    if (op.kind == GuestOp::Kind::kWrite || op.kind == GuestOp::Kind::kCompressed) {
+      op.value = next_value_++;
+      op.data = Pattern(op.value, first, n);
+    }
+    op.may_unmap = Rand(2) == 0;
+    return op;
+  }
+
+  Task<void> Issue(GuestOp* op) {
+    op->issued = file_->Tick();
+    switch (op->kind) {
+      case GuestOp::Kind::kWrite:
+        op->status = co_await dev_->Write(op->offset, op->data.data(), op->data.size());
+        break;
+      case GuestOp::Kind::kCompressed:
+        op->status = co_await dev_->WriteCompressed(op->offset, op->data.data(), op->data.size());
+        break;
+      case GuestOp::Kind::kZeroes:
+        op->status = co_await dev_->WriteZeroes(op->offset, op->length, op->may_unmap);
+        break;
+      case GuestOp::Kind::kDiscard:
+        op->status = co_await dev_->Discard(op->offset, op->length);
+        break;
+      case GuestOp::Kind::kFlush:
+        op->status = co_await dev_->Flush();
+        break;
+    }
+    op->completed = file_->Tick();
+  }
+
+  // Runs the workload: rounds of concurrent requests, then Close (recorded
+  // as a flush).
+  void RunWorkload() {
+    const Workload& w = GetParam();
+    for (int b = 0; b < w.batches; ++b) {
+      size_t first = ops_.size();
+      int k = 1 + static_cast<int>(Rand(w.max_batch));
+      for (int i = 0; i < k; ++i) ops_.push_back(MakeOp());
+      for (size_t i = first; i < ops_.size(); ++i) Spawn(Issue(&ops_[i]));
+      ASSERT_TRUE(DrainUntil(
+          [&] {
+            for (size_t i = first; i < ops_.size(); ++i) {
+              if (ops_[i].completed == kNotYet) return false;
+            }
+            return true;
+          },
+          std::chrono::seconds(10)))
+          << "requests of round " << b << " never completed (hang)";
+      for (size_t i = first; i < ops_.size(); ++i) {
+        const GuestOp& op = ops_[i];
+        // A compressed write to an allocated cluster is refused by contract.
+        if (op.kind == GuestOp::Kind::kCompressed &&
+            op.status.code() == StatusCode::kInvalidArgument) {
+          continue;
+        }
+        ASSERT_TRUE(op.status.ok()) << KindName(op.kind) << " at " << op.offset << "+"
+                                    << op.length << ": " << op.status.ToString();
+      }
+    }
+    GuestOp close;
+    close.kind = GuestOp::Kind::kFlush;
+    close.issued = file_->Tick();
+    close.status = RunSync(dev_->Close());
+    close.completed = file_->Tick();
+    ASSERT_TRUE(close.status.ok()) << close.status.ToString();
+    ops_.push_back(std::move(close));
+  }
+
+  // Saves a failing state (and the backing file) for the report.
+  std::string Keep(const std::string& state_path, size_t index) {
+    const char* env = std::getenv("KVBLK_CRASH_KEEP");
+    std::string dir = std::string(env && *env ? env : "/tmp/kvblk-crash-failures") + "/" +
+                      GetParam().name + "-seed" + std::to_string(BaseSeed()) + "-state" +
+                      std::to_string(index);
+    Sh("mkdir -p " + ShellQuote(dir) + " && cp " + ShellQuote(state_path) + " " +
+       ShellQuote(dir + "/img.qcow2") +
+       (GetParam().backing ? " && cp " + ShellQuote(dir_.File("backing.raw")) + " " +
+                                 ShellQuote(dir + "/backing.raw")
+                           : ""));
+    return dir;
+  }
+
+  // Opens a state with kvblk, checks every sector against the model, then
+  // writes, discards, flushes and closes. Returns "" or what went wrong.
+  std::string CheckWithKvblk(const std::string& path, uint64_t t, bool* dirty_refused) {
+    const Workload& w = GetParam();
+    OpenOptions oo;
+    oo.format = "qcow2";
+    auto d = OpenImage(path, oo);
+    if (!d.ok()) {
+      if (d.status().code() == StatusCode::kNotSupported &&
+          d.status().message().find("not closed cleanly") != std::string::npos) {
+        *dirty_refused = true;
+        return "";
+      }
+      return "kvblk cannot open the image: " + d.status().ToString();
+    }
+    std::unique_ptr<BlockDevice> dev = std::move(*d);
+    auto all = ReadWholeDevice(*dev, 65536);
+    if (!all.ok()) return "reading the disk failed: " + all.status().ToString();
+    Expectation want(ops_, t, sectors_, initial_);
+    std::string bad;
+    std::vector<uint64_t> bad_sectors;
+    for (uint64_t s = 0; s < sectors_; ++s) {
+      int64_t v = Identify(&(*all)[s * kSector], s);
+      if (want.Allows(s, v)) continue;
+      if (bad_sectors.size() < 8) {
+        bad += "\n  guest sector " + std::to_string(s) + " (offset " +
+               std::to_string(s * kSector) + ") holds " +
+               (v < 0 ? std::string("garbage") : "value " + std::to_string(v)) + ", allowed " +
+               want.Describe(s);
+      }
+      bad_sectors.push_back(s);
+    }
+    if (!bad_sectors.empty()) {
+      return std::to_string(bad_sectors.size()) + " sectors hold data the guest may not see:" +
+             bad + "\n  guest requests touching them (issued,completed clock):" +
+             DescribeOps(t, bad_sectors);
+    }
+    // Keep using the recovered image: allocating writes and overwrites, a
+    // discard, a flush; then close, reopen and read back. `after` is what
+    // each sector must hold: a value, or -1 for "whatever it held".
+    std::vector<int64_t> after(sectors_, -1);
+    const uint64_t cs = w.cluster_size / kSector;
+    for (uint32_t i = 0; i < 6; ++i) {
+      uint64_t first = Rand(sectors_);
+      if (i % 2 == 0) first = first / cs * cs;
+      uint64_t n = std::min<uint64_t>(sectors_ - first, 1 + Rand(4 * cs));
+      const uint32_t value = 1000000 + i;
+      auto data = Pattern(value, first, n);
+      Status st = RunSync(dev->Write(first * kSector, data.data(), data.size()));
+      if (!st.ok()) return "write after recovery failed: " + st.ToString();
+      std::fill(after.begin() + first, after.begin() + first + n, value);
+    }
+    const uint64_t dfirst = Rand(sectors_) / cs * cs;
+    const uint64_t dn = std::min<uint64_t>(sectors_ - dfirst, 2 * cs);
+    Status st = RunSync(dev->Discard(dfirst * kSector, dn * kSector));
+    if (!st.ok()) return "discard after recovery failed: " + st.ToString();
+    std::fill(after.begin() + dfirst, after.begin() + dfirst + dn, -1);
+    st = RunSync(dev->Flush());
+    if (!st.ok()) return "flush after recovery failed: " + st.ToString();
+    st = CloseImage(std::move(dev));
+    if (!st.ok()) return "close after recovery failed: " + st.ToString();
+    OpenOptions ro = oo;
+    ro.read_only = true;
+    auto again = OpenImage(path, ro);
+    if (!again.ok()) return "reopening after recovery failed: " + again.status().ToString();
+    for (uint64_t s = 0; s < sectors_;) {  // runs of sectors written after recovery
+      if (after[s] < 0) {
+        ++s;
+        continue;
+      }
+      uint64_t e = s;
+      while (e < sectors_ && after[e] >= 0) ++e;
+      auto got = ReadRange(**again, s * kSector, (e - s) * kSector);
+      if (!got.ok()) return "reading after recovery failed: " + got.status().ToString();
+      for (uint64_t i = s; i < e; ++i) {
+        if (Identify(&(*got)[(i - s) * kSector], i) != after[i]) {
+          return "data written and flushed after recovery reads back wrong at guest sector " +
+                 std::to_string(i);
+        }
+      }
+      s = e;
+    }
+    dev = std::move(*again);
+    st = CloseImage(std::move(dev));
+    if (!st.ok()) return "close after recovery failed: " + st.ToString();
+    return "";
+  }
+
+  // The guest requests issued before `t` that touch any of `sectors`
+  // (sorted), and the flushes.
+  std::string DescribeOps(uint64_t t, const std::vector<uint64_t>& sectors) const {
+    std::string s;
+    for (const auto& op : ops_) {
+      if (op.issued >= t) continue;
+      if (op.kind != GuestOp::Kind::kFlush) {
+        auto it = std::lower_bound(sectors.begin(), sectors.end(), op.offset / kSector);
+        if (it == sectors.end() || *it >= (op.offset + op.length + kSector - 1) / kSector) {
+          continue;
+        }
+      }
+      s += std::string("\n    ") + KindName(op.kind);
+      if (op.kind != GuestOp::Kind::kFlush) {
+        s += " sectors " + std::to_string(op.offset / kSector) + "+" +
+             std::to_string(op.length / kSector) + " value " + std::to_string(op.value);
+      }
+      s += " [" + std::to_string(op.issued) + "," +
+           (op.completed == kNotYet ? std::string("-") : std::to_string(op.completed)) + "]" +
+           (op.status.ok() ? "" : " failed");
+    }
+    return s;
+  }
+
+  TempDir dir_;
+  uint64_t seed_ = 0;
+  std::mt19937_64 rng_;
+  uint64_t sectors_ = 0;
+  uint32_t initial_ = kZeroValue;
+  uint32_t next_value_ = 2;
+  std::string image_;
+  CrashFile* file_ = nullptr;  // owned by dev_
+  std::unique_ptr<qcow2::Qcow2Device> dev_;
+  std::deque<GuestOp> ops_;
+};
+
+TEST_P(CrashSim, PowerLossLeavesConsistentImageWithFlushedData) {
+  const Workload& w = GetParam();
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_NO_FATAL_FAILURE(RunWorkload());
+  const auto& hist = file_->history();
+  uint64_t host_writes = 0, header_writes = 0, host_flushes = 0;
+  for (const auto& op : hist) {
+    if (op.kind == CrashFile::Op::Kind::kFlush) {
+      ++host_flushes;
+    } else {
+      ++host_writes;
+      if (op.offset < w.cluster_size) ++header_writes;
+    }
+  }
+
+  const uint64_t total = EnvU64("KVBLK_CRASH_STATES", 512);
+  const uint64_t n_workloads = sizeof(kWorkloads) / sizeof(kWorkloads[0]);
+  const uint64_t states = (total + n_workloads - 1) / n_workloads;
+  // `qemu-img check` after kvblk reused the image: every Nth state.
+  const uint64_t recheck_every = std::max<uint64_t>(1, EnvU64("KVBLK_CRASH_RECHECK", 2));
+  const uint64_t end = file_->Now() + 1;
+  constexpr size_t kBatch = 12;
+  uint64_t checked = 0, failures = 0, leaky = 0, dirty_refused = 0, qemu_runs = 0;
+  double qemu_secs = 0;
+  // A state is a (file contents, cut time) pair; equal contents are
+  // checked by qemu-img once.
+  std::set<std::pair<size_t, uint64_t>> seen;
+  std::map<size_t, QemuCheck> qemu_cache;
+  uint64_t next = 0;
+  for (uint64_t attempts = 0;
+       checked < states && failures < 3 && attempts < 20 * states; attempts += kBatch) {
+    struct State {
+      std::string path;
+      uint64_t index;
+      uint64_t t;
+      size_t hash;
+      std::string what;
+    };
+    std::vector<State> batch;
+    std::vector<std::string> fresh;  // files qemu-img has not judged yet
+    for (size_t tries = 0; batch.size() < std::min<uint64_t>(kBatch, states - checked) &&
+                           tries < 4 * kBatch;
+         ++tries) {
+      // The first state: the end of the run, everything durable.
+      uint64_t t = next == 0 && batch.empty() ? end : file_->SampleTime(rng_);
+      auto point = file_->PointAt(t);
+      auto fates = file_->SampleFates(point, rng_);
+      auto bytes = file_->BuildState(point, fates);
+      size_t h = std::hash<std::string_view>()(
+          std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+      if (!seen.insert({h, t}).second) continue;
+      State s{dir_.File("state-" + std::to_string(next) + ".qcow2"), next, t, h,
+              file_->Describe(point, fates)};
+      ++next;
+      WriteFileBytes(s.path, bytes);
+      if (!qemu_cache.count(h)) {
+        qemu_cache[h] = QemuCheck();
+        fresh.push_back(s.path);
+      }
+      batch.push_back(std::move(s));
+    }
+    if (batch.empty()) break;
+    auto q0 = std::chrono::steady_clock::now();
+    auto fresh_results = QemuCheckAll(fresh);
+    qemu_runs += fresh.size();
+    qemu_secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - q0).count();
+    for (size_t j = 0, f = 0; j < batch.size() && f < fresh.size(); ++j) {
+      if (batch[j].path == fresh[f]) qemu_cache[batch[j].hash] = fresh_results[f++];
+    }
+    std::vector<std::string> errors(batch.size());
+    std::vector<std::string> recheck;
+    for (size_t j = 0; j < batch.size(); ++j) {
+      const QemuCheck& before = qemu_cache[batch[j].hash];
+      if (!before.ok()) {
+        errors[j] = "qemu-img check of the crash state reports corruption (exit " +
+                    std::to_string(before.exit_code) + "):\n" + before.output;
+        Keep(batch[j].path, batch[j].index);
+        continue;
+      }
+      if (before.leaks > 0) ++leaky;
+      bool dirty = false;
+      errors[j] = CheckWithKvblk(batch[j].path, batch[j].t, &dirty);
+      if (dirty) ++dirty_refused;
+      if (!errors[j].empty()) {
+        Keep(batch[j].path, batch[j].index);
+      } else if (batch[j].index % recheck_every == 0 && !dirty) {
+        recheck.push_back(batch[j].path);
+      }
+    }
+    q0 = std::chrono::steady_clock::now();
+    auto after = QemuCheckAll(recheck);
+    qemu_runs += recheck.size();
+    qemu_secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - q0).count();
+    for (size_t j = 0, r = 0; j < batch.size(); ++j) {
+      if (r < recheck.size() && batch[j].path == recheck[r]) {
+        const QemuCheck& a = after[r++];
+        if (!a.ok()) {
+          errors[j] = "qemu-img check after kvblk wrote to the recovered image reports "
+                      "corruption (exit " + std::to_string(a.exit_code) + "):\n" + a.output;
+        }
+      }
+      ++checked;
+      if (!errors[j].empty()) {
+        ++failures;
+        ADD_FAILURE() << w.name << " state " << batch[j].index
+                      << " (KVBLK_CRASH_SEED=" << BaseSeed() << ", " << batch[j].what
+                      << "): " << errors[j];
+      }
+      std::remove(batch[j].path.c_str());
+    }
+  }
+  g_states_checked += checked;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[ %s ] seed %llu: %zu guest ops, %llu host writes (%llu in the first cluster), "
+              "%llu host flushes, file %zu bytes; crash states checked: %llu (%llu with leaks, "
+              "%llu refused as dirty) in %.1f s (%llu qemu-img runs, %.1f s)\n",
+              w.name, static_cast<unsigned long long>(BaseSeed()), ops_.size(),
+              static_cast<unsigned long long>(host_writes),
+              static_cast<unsigned long long>(header_writes),
+              static_cast<unsigned long long>(host_flushes), file_->current().size(),
+              static_cast<unsigned long long>(checked), static_cast<unsigned long long>(leaky),
+              static_cast<unsigned long long>(dirty_refused), secs,
+              static_cast<unsigned long long>(qemu_runs), qemu_secs);
+}
+
+INSTANTIATE_TEST_SUITE_P(Workloads, CrashSim, ::testing::ValuesIn(kWorkloads),
+                         [](const ::testing::TestParamInfo<Workload>& info) {
+                           return std::string(info.param.name);
+                         });
+
+
+// --- targeted orderings and recovery cases -------------------------------------
+
+using Kind = CrashFile::Op::Kind;
+
+// A crash can leave a cluster past the end of the file with a nonzero
+// refcount: the refcount block reached the disk (made durable for some other
+// L2 table) while the write that appended the cluster was lost. qemu-img
+// check calls it a leak. Builds such an image: 4k clusters, 1 MiB, cluster 4
+// (the first one past the end) counted once.
+std::vector<uint8_t> ImageWithClusterLeakedPastEnd(const TempDir& dir, int refcount_bits) {
+  CreateOptions o;
+  o.size = 1 << 20;
+  o.cluster_size = 4096;
+  o.refcount_bits = refcount_bits;
+  std::string tmp = dir.File("fresh.qcow2");
+  EXPECT_TRUE(CreateImage(tmp, o).ok());
+  auto bytes = ReadFileBytes(tmp);
+  // Layout of a fresh image: header, refcount table, refcount block, L1.
+  EXPECT_EQ(bytes.size(), 4u * 4096);
+  if (bytes.size() != 4u * 4096) return bytes;
+  uint32_t order = 0;
+  while ((1 << order) < refcount_bits) ++order;
+  qcow2::SetRefcountEntry(&bytes[2 * 4096], 4, order, 1);
+  return bytes;
+}
+
+QemuCheck QemuCheckOne(const std::string& path) { return QemuCheckAll({path})[0]; }
+
+TEST(CrashRecovery, ClusterLeakedPastEndOfFileIsNotAllocatedAgain) {
+  TempDir dir;
+  std::string image = dir.File("img.qcow2");
+  WriteFileBytes(image, ImageWithClusterLeakedPastEnd(dir, 16));
+  QemuCheck before = QemuCheckOne(image);
+  // qemu-img check does not even look at refcounts past the end of the file.
+  ASSERT_TRUE(before.ok()) << before.output;
+
+  OpenOptions oo;
+  oo.format = "qcow2";
+  auto dev = OpenImage(image, oo);
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  auto data = Pattern(2, 0, 8);
+  Status st = RunSync((*dev)->Write(0, data.data(), data.size()));  // allocates an L2 table
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  st = CloseImage(std::move(*dev));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  QemuCheck after = QemuCheckOne(image);
+  EXPECT_TRUE(after.ok()) << "kvblk handed out the leaked cluster again (its refcount is now 2 "
+                             "while the L2/L1 entry has COPIED set):\n"
+                          << after.output;
+}
+
+TEST(CrashRecovery, WritesWorkAfterAClusterLeakedPastEndOfFileWithOneBitRefcounts) {
+  TempDir dir;
+  std::string image = dir.File("img.qcow2");
+  WriteFileBytes(image, ImageWithClusterLeakedPastEnd(dir, 1));
+  QemuCheck before = QemuCheckOne(image);
+  ASSERT_TRUE(before.ok()) << before.output;
+
+  OpenOptions oo;
+  oo.format = "qcow2";
+  auto dev = OpenImage(image, oo);
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  auto data = Pattern(2, 0, 8);
+  Status st = RunSync((*dev)->Write(0, data.data(), data.size()));
+  EXPECT_TRUE(st.ok()) << "a write after crash recovery failed: " << st.ToString();
+  st = CloseImage(std::move(*dev));
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(QemuCheckOne(image).ok());
+}
+
+// The data of an allocating write (guest data plus the copy-on-write head and
+// tail) must be on disk before an L2 table that maps the new cluster can be.
+// Interleaving forced here: a guest flush runs while the data write of a
+// copy-on-write request is in flight, so that flush makes the new cluster's
+// refcount durable; the next flush writes the L2 table.
+TEST(CrashOrdering, CopyOnWriteDataIsDurableBeforeTheL2EntryThatMapsIt) {
+  TempDir dir;
+  constexpr uint64_t kCs = 4096;
+  constexpr uint64_t kDisk = 4 << 20;  // two L2 tables: [0, 2M) and [2M, 4M)
+  WriteFileBytes(dir.File("backing.raw"), Pattern(kBackingValue, 0, kDisk / kSector));
+  CreateOptions o;
+  o.size = kDisk;
+  o.cluster_size = kCs;
+  o.backing_file = "backing.raw";
+  o.backing_format = "raw";
+  const std::string image = dir.File("img.qcow2");
+  ASSERT_TRUE(CreateImage(image, o).ok());
+  auto owned = std::make_unique<CrashFile>(image, ReadFileBytes(image), 7);
+  CrashFile* file = owned.get();
+  OpenOptions oo;
+  oo.format = "qcow2";
+  auto opened = RunSync(qcow2::Qcow2Device::Open(std::move(owned), oo, 0));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  qcow2::Qcow2Device& dev = **opened;
+  auto write = [&](uint64_t off, uint32_t value, uint64_t len) {
+    auto d = Pattern(value, off / kSector, len / kSector);
+    return RunSync(dev.Write(off, d.data(), d.size()));
+  };
+  // Both L2 tables exist and are durable.
+  ASSERT_TRUE(write(0, 2, kCs).ok());
+  ASSERT_TRUE(write(2 << 20, 3, kCs).ok());
+  ASSERT_TRUE(RunSync(dev.Flush()).ok());
+  // A completed allocating write leaves the second L2 table dirty.
+  ASSERT_TRUE(write((2 << 20) + kCs, 4, kCs).ok());
+
+  // W: one sector inside guest cluster 2, copied on write from the backing
+  // file. Its data write is held in flight.
+  file->HoldNextWrite();
+  const uint64_t w_off = 2 * kCs + 3 * kSector;
+  auto w_data = Pattern(5, w_off / kSector, 1);
+  Status w_status;
+  bool w_done = false;
+  Spawn(dev.Write(w_off, w_data.data(), w_data.size()), [&](Status st) {
+    w_status = st;
+    w_done = true;
+  });
+  ASSERT_TRUE(DrainUntil([&] { return file->holding(); }, std::chrono::seconds(10)));
+  const size_t data_op = file->held_index();
+  // A guest flush meanwhile: writing back the dirty second L2 table makes
+  // the refcounts durable, W's new cluster included.
+  ASSERT_TRUE(RunSync(dev.Flush()).ok());
+  file->ReleaseHeld();
+  ASSERT_TRUE(DrainUntil([&] { return w_done; }, std::chrono::seconds(10)));
+  ASSERT_TRUE(w_status.ok()) << w_status.ToString();
+
+  // The guest flush that makes W durable writes the first L2 table.
+  const uint64_t flush_issued = file->Tick();
+  ASSERT_TRUE(RunSync(dev.Flush()).ok());
+  const auto& hist = file->history();
+  const uint64_t l2_off =
+      qcow2::LoadBe64(&file->current()[dev.header().l1_table_offset]) & qcow2::kL1OffsetMask;
+  size_t l2_write = hist.size();
+  for (size_t i = data_op + 1; i < hist.size(); ++i) {
+    if (hist[i].kind == Kind::kWrite && hist[i].offset == l2_off && hist[i].issued > flush_issued) {
+      l2_write = i;
+      break;
+    }
+  }
+  ASSERT_LT(l2_write, hist.size()) << "the flush did not write the L2 table";
+  bool synced_between = false;
+  for (const auto& op : hist) {
+    if (op.kind == Kind::kFlush && op.issued > hist[data_op].completed &&
+        op.completed < hist[l2_write].issued) {
+      synced_between = true;
+    }
+  }
+  EXPECT_TRUE(synced_between) << "the L2 table mapping the new cluster was written with no "
+                                 "flush after the cluster's data write";
+
+  // What a power cut right after the L2 table write may leave: the table
+  // landed, nothing else since the last completed flush did.
+  auto point = file->PointAt(hist[l2_write].completed + 1);
+  std::vector<CrashFile::Fate> fates(point.possible.size());
+  for (size_t k = 0; k < fates.size(); ++k) {
+    if (point.possible[k] == l2_write) fates[k].kind = CrashFile::Fate::Kind::kWhole;
+  }
+  const std::string state = dir.File("state.qcow2");
+  WriteFileBytes(state, file->BuildState(point, fates));
+  ASSERT_TRUE(RunSync(dev.Close()).ok());
+  QemuCheck check = QemuCheckOne(state);
+  EXPECT_TRUE(check.ok()) << check.output;
+  OpenOptions ro;
+  ro.format = "qcow2";
+  ro.read_only = true;
+  auto crashed = OpenImage(state, ro);
+  ASSERT_TRUE(crashed.ok()) << crashed.status().ToString();
+  auto got = ReadRange(**crashed, 2 * kCs, kCs);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  std::string bad;
+  for (uint64_t s = 0; s < kCs / kSector; ++s) {
+    const uint64_t gs = 2 * kCs / kSector + s;
+    const int64_t v = Identify(&(*got)[s * kSector], gs);
+    if (v != kBackingValue && !(gs == w_off / kSector && v == 5)) {
+      bad += " " + std::to_string(gs) + "=" + (v < 0 ? std::string("garbage") : std::to_string(v));
+    }
+  }
+  EXPECT_EQ(bad, "") << "guest sectors of cluster 2 (sector=value; 0 is zeros) after the "
+                        "crash: they never held anything but the backing file's data (value "
+                     << kBackingValue << "), or W's (value 5) for sector " << w_off / kSector;
+}
+
+}  // namespace
+}  // namespace kvblk::testing

@@ -1,0 +1,164 @@
+// kvblk serve: exports an image as a vhost-user-blk device on a Unix socket
+// (virtio/vhost_user_server.h), for QEMU's vhost-user-blk-pci or
+// cloud-hypervisor.
+#include <signal.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvblk/block_device.h"
+#include "kvblk/virtio_blk.h"
+#include "tools/cli_util.h"
+#include "tools/commands.h"
+#include "tools/image_options.h"
+#include "virtio/vhost_user_server.h"
+
+namespace kvblk::cli {
+
+namespace {
+
+constexpr const char* kCmd = "serve";
+constexpr int kMaxQueues = 256;
+constexpr int kMaxIothreads = 64;
+// QEMU's largest virtqueue (VIRTQUEUE_MAX_SIZE); its default is 128.
+constexpr uint16_t kMaxQueueSize = 1024;
+
+// The server Stop() is async-signal-safe; the handler reaches it here.
+std::atomic<VhostUserServer*> g_server{nullptr};
+
+void OnSignal(int) {
+  VhostUserServer* s = g_server.load();
+  if (s != nullptr) s->Stop();
+}
+
+void InstallSignalHandlers() {
+  struct sigaction sa {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+std::vector<OptionSpec> ServeSpecs() {
+  return {
+      {0, "socket", "PATH", "Unix socket to listen on (required; a stale socket is replaced)"},
+      {'f', "format", "FMT", "image format: qcow2 or raw (default: probed from the file)"},
+      {0, "read-only", "", "open the image read-only and offer VIRTIO_BLK_F_RO to the guest"},
+      {0, "num-queues", "N", "number of virtqueues offered (MQ), 1..256 (default 1)"},
+      {0, "iothreads", "N", "1..64 (default 1); currently all queues share one I/O thread"},
+      {0, "cache", "MODE", "writeback (default: host page cache) or none (O_DIRECT)"},
+      {0, "serial", "S", "GET_ID serial, <= 20 printable ASCII (default: from the image path)"},
+      {0, "once", "", "exit after the first front end disconnects"},
+      HelpOption(),
+  };
+}
+
+void PrintHelp() {
+  std::printf(
+      "usage: kvblk serve [-f FMT] [--read-only] [--num-queues N] [--iothreads N]\n"
+      "                   [--cache none|writeback] [--serial S] [--once] --socket PATH IMAGE\n"
+      "\n"
+      "Serves IMAGE as a vhost-user-blk device on the Unix socket PATH, one front end at a\n"
+      "time (QEMU's -device vhost-user-blk-pci, cloud-hypervisor). When a front end\n"
+      "disconnects, its requests are finished, the image is flushed and the next front end\n"
+      "may connect (or the command exits, with --once). SIGINT or SIGTERM shuts down\n"
+      "cleanly: requests finish, the image is flushed and closed, the socket is removed.\n"
+      "Either cache mode honours the guest's flushes; the guest sees a write cache it\n"
+      "can switch (VIRTIO_BLK_F_CONFIG_WCE).\n"
+      "\n"
+      "QEMU example:\n"
+      "  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \\\n"
+      "    -machine memory-backend=mem -chardev socket,id=c0,path=PATH \\\n"
+      "    -device vhost-user-blk-pci,chardev=c0,num-queues=1 ...\n"
+      "\n"
+      "%s",
+      FormatOptionHelp(ServeSpecs()).c_str());
+}
+
+std::string CanonicalPath(const std::string& path) {
+  char buf[PATH_MAX];
+  if (realpath(path.c_str(), buf) != nullptr) return buf;
+  return path;
+}
+
+}  // namespace
+
+int RunServe(const std::vector<std::string>& args) {
+  Result<ParsedArgs> parsed = ParseArgs(args, ServeSpecs());
+  if (!parsed.ok()) return Fail(kCmd, parsed.status());
+  const ParsedArgs& a = *parsed;
+  if (a.Has("help")) {
+    PrintHelp();
+    return 0;
+  }
+  const std::vector<std::string>& pos = a.positional();
+  if (pos.empty()) return Fail(kCmd, "missing IMAGE (see 'kvblk serve --help')");
+  if (pos.size() > 1) return Fail(kCmd, "unexpected argument '" + pos[1] + "'");
+  if (!a.Has("socket") || a.Get("socket").empty()) {
+    return Fail(kCmd, "missing --socket PATH (see 'kvblk serve --help')");
+  }
+
+  OpenOptions open_opts;
+  open_opts.format = a.Get("format");
+  if (a.Has("format")) {
+    Status ok = CheckFormatName(open_opts.format, "format");
+    if (!ok.ok()) return Fail(kCmd, ok);
+  }
+  open_opts.read_only = a.Has("read-only");
+  const std::string cache = a.Get("cache", "writeback");
+  if (cache == "none") {
+    open_opts.direct = true;
+  } else if (cache != "writeback") {
+    return Fail(kCmd, "unknown cache mode '" + cache + "' (expected none or writeback)");
+  }
+
+  VhostUserServerOptions so;
+  so.socket_path = a.Get("socket");
+  so.once = a.Has("once");
+  if (a.Has("num-queues")) {
+    Result<int64_t> n = ParseInteger(a.Get("num-queues"), 1, kMaxQueues, "--num-queues");
+    if (!n.ok()) return Fail(kCmd, n.status());
+    so.device.num_queues = static_cast<int>(*n);
+  }
+  if (a.Has("iothreads")) {
+    // Accepted for forward compatibility; every queue runs on one loop.
+    Result<int64_t> n = ParseInteger(a.Get("iothreads"), 1, kMaxIothreads, "--iothreads");
+    if (!n.ok()) return Fail(kCmd, n.status());
+  }
+  so.device.serial = a.Get("serial");
+  if (a.Has("serial") && so.device.serial.empty()) return Fail(kCmd, "--serial must not be empty");
+  so.device.read_only = open_opts.read_only;
+  so.device.max_queue_size = kMaxQueueSize;
+  so.device.image_path = CanonicalPath(pos[0]);
+  so.log = [](const std::string& line) { std::fprintf(stderr, "kvblk serve: %s\n", line.c_str()); };
+
+  Result<std::unique_ptr<BlockDevice>> disk = OpenImage(pos[0], open_opts);
+  if (!disk.ok()) return Fail(kCmd, disk.status());
+
+  Result<std::unique_ptr<VhostUserServer>> server = VhostUserServer::Create(**disk, so);
+  if (!server.ok()) {
+    Status closed = CloseImage(std::move(*disk));
+    (void)closed;  // the first error is the one to report
+    return Fail(kCmd, server.status());
+  }
+  // A front end that hands over a pipe instead of an eventfd must not kill
+  // the process when it goes away.
+  signal(SIGPIPE, SIG_IGN);
+  g_server.store(server->get());
+  InstallSignalHandlers();
+  Status st = (*server)->Run();
+  g_server.store(nullptr);
+  server->reset();  // removes the socket
+  Status closed = CloseImage(std::move(*disk));
+  if (!st.ok()) return Fail(kCmd, st);
+  if (!closed.ok()) return Fail(kCmd, closed);
+  return 0;
+}
+
+}  // namespace kvblk::cli

@@ -90,7 +90,8 @@ asan:
 	@$(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1
 
 tsan:
-	@$(MAKE) --no-print-directory test BUILD=build-tsan SANITIZE=thread OPT=-O1
+	@TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp $$TSAN_OPTIONS" \
+	  $(MAKE) --no-print-directory test BUILD=build-tsan SANITIZE=thread OPT=-O1
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib \

@@ -574,23 +574,22 @@ Status Checker::RepairAll() {
       new_snapshots.insert(new_snapshots.end(), entry.begin(), entry.end());
       ++kept;
     }
-    const bool rewrite_snapshots = rewrite_snapshots_;
     const uint64_t limit = MaxRefcount(geo_.refcount_order);
     KVBLK_ASSIGN_OR_RETURN(check::NewRefcountStructure s,
                            check::WriteNewRefcountStructure(
                                file_.get(), geo_, end,
                                [&](uint64_t c) { return std::min<uint64_t>(refs_->Get(c), limit); },
-                               rewrite_snapshots ? new_snapshots : std::vector<uint8_t>()));
+                               rewrite_snapshots_ ? new_snapshots : std::vector<uint8_t>()));
     KVBLK_RETURN_IF_ERROR(file_->Sync());
     // The switch: one write of the adjacent header fields.
     uint8_t fields[24];
     StoreBe64(fields, s.table_offset);
     StoreBe32(fields + 8, s.table_clusters);
-    StoreBe32(fields + 12, rewrite_snapshots ? kept : header_.nb_snapshots);
+    StoreBe32(fields + 12, rewrite_snapshots_ ? kept : header_.nb_snapshots);
     StoreBe64(fields + 16,
-              rewrite_snapshots ? (kept ? s.prefix_offset : 0) : header_.snapshots_offset);
+              rewrite_snapshots_ ? (kept ? s.prefix_offset : 0) : header_.snapshots_offset);
     KVBLK_RETURN_IF_ERROR(
-        file_->WriteAt(fields, rewrite_snapshots ? 24 : 12, kHeaderRefcountTableOffset));
+        file_->WriteAt(fields, rewrite_snapshots_ ? 24 : 12, kHeaderRefcountTableOffset));
     KVBLK_RETURN_IF_ERROR(file_->Sync());
   } else if (!refcount_changes_.empty()) {
     KVBLK_RETURN_IF_ERROR(stored_->Apply(file_.get(), refcount_changes_));

@@ -27,13 +27,17 @@
 //  - reserved bits are cleared; L1/L2 entries that are misaligned, point
 //    past the end of the file or into other metadata are cleared (a zero
 //    cluster stays a zero cluster; data is reported lost); snapshots whose
-//    L1 table is unusable are removed from the snapshot table;
+//    L1 table is unusable are removed from the snapshot table, incomplete
+//    snapshot entries are completed (the table is rewritten at the end of
+//    the file, switched to with the same header write as the refcounts);
 //  - finally the dirty and corrupt bits are cleared.
 //  Write order: reference removals and COPIED clears first, then refcounts
 //  (a rebuilt table only becomes live with the header write), then entries
 //  that gain a reference and COPIED sets, then the header bits, each step
 //  synced before the next, so a crash during repair can leak clusters but
-//  never leaves an entry pointing at a cluster whose refcount is too low.
+//  never lowers a refcount below its references or leaves a COPIED flag on
+//  a shared cluster where the damaged image had neither; running the repair
+//  again finishes it.
 //  Refcount overflow (more references than the refcount width can hold) is
 //  reported but not repaired, as in qemu-img.
 //

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "disk/qcow2_check.h"
 #include "disk/qcow2_create.h"
 #include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
@@ -55,10 +56,21 @@ Task<Result<std::unique_ptr<Qcow2Device>>> Qcow2Device::Open(std::unique_ptr<Fil
                                         "read-only (repair it with 'qemu-img check -r all')");
   }
   if (writable && h.dirty()) {
-    co_return Status::NotSupported(
-        path + ": image was not closed cleanly (lazy refcounts, dirty bit set) and its "
-               "refcounts cannot be trusted; repair it with 'qemu-img check -r all' or open it "
-               "read-only");
+    // Not closed cleanly with lazy refcounts: rebuild the refcounts from the
+    // L1/L2 tables before anything is written, then read the header again
+    // (the repair may move the refcount table and clears the dirty bit).
+    Status rs = RepairRefcountsIfDirty(path);
+    if (!rs.ok()) {
+      co_return rs.WithContext(path + ": image was not closed cleanly and its refcounts could "
+                                      "not be repaired");
+    }
+    KVBLK_CO_ASSIGN_OR_RETURN(file_size, file->Size());
+    first.assign(std::min<uint64_t>(file_size, 1ull << kMaxClusterBits), 0);
+    KVBLK_CO_RETURN_IF_ERROR(co_await file->Read(first.data(), first.size(), 0));
+    KVBLK_CO_ASSIGN_OR_RETURN(h, DecodeHeader(first, file_size, path));
+    if (h.dirty()) {
+      co_return Status::Corruption(path + ": dirty bit still set after refcount repair");
+    }
   }
   std::unique_ptr<Qcow2Device> dev(new Qcow2Device(std::move(file), std::move(h), opts));
   KVBLK_CO_RETURN_IF_ERROR(co_await dev->Load(file_size, depth));
@@ -92,9 +104,11 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
     uint8_t buf[12];
     StoreBe64(buf, off);
     StoreBe32(buf + 8, clusters);
+    KVBLK_CO_RETURN_IF_ERROR(co_await UpdateHeaderField(48, buf, sizeof(buf)));
+    // Only a header that reached the disk changes what we believe.
     header_.refcount_table_offset = off;
     header_.refcount_table_clusters = clusters;
-    co_return co_await UpdateHeaderField(48, buf, sizeof(buf));
+    co_return Status::Ok();
   };
   KVBLK_CO_ASSIGN_OR_RETURN(refcounts_, co_await Refcounts::Load(rc, file_size));
   alloc_ = std::make_unique<Allocator>(refcounts_.get(), file_.get(), cluster_bits_);
@@ -328,10 +342,25 @@ Task<Status> Qcow2Device::FlushMetadata() {
 
 Task<Status> Qcow2Device::Flush() {
   if (closed_) co_return Status::InvalidArgument(file_->path() + ": device is closed");
+  if (corrupted_) co_return co_await FlushCorrupted();
   if (read_only_) co_return Status::Ok();
   co_await flush_mu_.Lock();
   ExclusiveGuard g(&flush_mu_);
   co_return co_await FlushMetadata();
+}
+
+Task<Status> Qcow2Device::FlushCorrupted() {
+  // Metadata is no longer written to a corrupt image. Data written in place
+  // is made durable; if table changes are still only in memory, the writes
+  // they describe cannot be promised durable, and the flush says so.
+  bool unwritten = l2_cache_->dirty_count() > 0 || refcounts_->cache().dirty_count() > 0 ||
+                   alloc_->deferred_count() > 0;
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
+  if (unwritten) {
+    co_return Status::Corruption(file_->path() + ": image was marked corrupt; writes since the "
+                                                 "last flush may not be durable");
+  }
+  co_return Status::Ok();
 }
 
 Task<Status> Qcow2Device::Close() {
@@ -344,6 +373,7 @@ Task<Status> Qcow2Device::Close() {
     ExclusiveGuard f(&flush_mu_);
     st = co_await FlushMetadata();
   }
+  if (corrupted_ && st.ok()) st = co_await FlushCorrupted();
   if (backing_) {
     Status bs = co_await backing_->Close();
     if (st.ok()) st = bs;
@@ -371,6 +401,7 @@ Task<Status> Qcow2Device::SignalCorruption(Status why) {
     if (!st.ok()) why = why.WithContext("(could not mark the image corrupt: " + st.message() + ")");
   }
   read_only_ = true;  // no further writes to a corrupt image
+  corrupted_ = true;
   co_return why;
 }
 

@@ -113,6 +113,9 @@ class Qcow2Device final : public BlockDevice {
   // Flushes L2 tables and syncs, then applies the frees that were pending
   // before it started.
   Task<Status> FlushMetadata();
+  // Flush() once corruption was found: syncs data, fails if metadata
+  // changes could not be written.
+  Task<Status> FlushCorrupted();
   Task<Status> UpdateHeaderField(uint64_t offset, const uint8_t* bytes, size_t len);
   Task<Status> RewriteHeader();
   // Marks the image corrupt on disk (writable images) and returns `why`.
@@ -142,6 +145,7 @@ class Qcow2Device final : public BlockDevice {
   OpenOptions opts_;
   bool read_only_;
   bool closed_ = false;
+  bool corrupted_ = false;  // corruption found while open: writes disabled
   uint32_t cluster_bits_;
   uint64_t cluster_size_;
   uint32_t l2_bits_;  // log2(entries per L2 table)

@@ -297,12 +297,11 @@ TEST_F(ErrorInjection, L2WriteBackErrorFailsTheFlushAndARetryMakesTheDataDurable
   const uint64_t l2 = L2Offset(0);
   Inject({Kind::kWrite, l2, l2 + kCs, EIO});
   Status st = Flush();
-  EXPECT_EQ(st.code(), StatusCode::kIoError) << "a flush whose L2 write-back failed: "
-                                             << st.ToString();
+  EXPECT_EQ(st.code(), StatusCode::kIoError)
+      << "a flush whose L2 write-back failed: " << st.ToString();
   EXPECT_GE(Hits(), 1);
   st = Flush();
-  EXPECT_EQ(st.code(), StatusCode::kIoError) << "the table is still not on disk: "
-                                             << st.ToString();
+  EXPECT_EQ(st.code(), StatusCode::kIoError) << "the table is still not on disk: " << st.ToString();
   faults_.clear();
   ASSERT_TRUE(Flush().ok());
   ASSERT_NO_FATAL_FAILURE(Reopen(/*leaks_allowed=*/false));
@@ -514,9 +513,8 @@ TEST_F(ErrorInjection, FlushErrorsWithRequestsInFlightLeaveNoneWaiting) {
   Inject({Kind::kFlush, 0, kAll, EIO});
   // Guest offsets in L1 entries 0 (table exists) and 1..3 (new tables, whose
   // creation syncs); two writes share each new table.
-  std::vector<uint64_t> offsets = {kCs,      2 * kCs,           2 << 20,
-                                   (2 << 20) + 3 * kCs, 4 << 20, (4 << 20) + kCs,
-                                   6 << 20};
+  std::vector<uint64_t> offsets = {kCs,     2 * kCs,         2 << 20, (2 << 20) + 3 * kCs,
+                                   4 << 20, (4 << 20) + kCs, 6 << 20};
   std::vector<std::string> data;
   std::vector<Task<Status>> tasks;
   for (size_t i = 0; i < offsets.size(); ++i) {

@@ -230,16 +230,26 @@ TEST_F(HostileImage, CorruptBitRefusesWritableOpenButAllowsReadOnly) {
   EXPECT_TRUE(ReadFileBytes(img_) == bytes_);
 }
 
-TEST_F(HostileImage, DirtyBitRefusesWritableOpenButAllowsReadOnly) {
+TEST_F(HostileImage, DirtyBitOpensReadOnlyUntouchedAndIsRepairedOnWritableOpen) {
   Make(",lazy_refcounts=on");
   Put(&bytes_, kOffIncompatible, 1, 8);
   Save();
-  ExpectOpenFails(false, StatusCode::kNotSupported, "not closed cleanly");
-  auto dev = Open(true);
+  {
+    // Read-only: readable, and the file is left exactly as it was.
+    auto dev = Open(true);
+    ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+    ExpectGoodDataReadable(**dev);
+    EXPECT_TRUE(CloseImage(std::move(*dev)).ok());
+    EXPECT_TRUE(ReadFileBytes(img_) == bytes_);
+  }
+  // Writable: the refcounts are rebuilt and the dirty bit cleared first.
+  auto dev = Open(false);
   ASSERT_TRUE(dev.ok()) << dev.status().ToString();
   ExpectGoodDataReadable(**dev);
   EXPECT_TRUE(CloseImage(std::move(*dev)).ok());
-  EXPECT_TRUE(ReadFileBytes(img_) == bytes_);
+  EXPECT_EQ(Get(ReadFileBytes(img_), kOffIncompatible, 8) & 1, 0u) << "dirty bit still set";
+  auto r = testing::Sh("qemu-img check " + ShellQuote(img_));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
 TEST_F(HostileImage, RefcountTableEntryUnalignedIsCorruption) {

@@ -239,10 +239,18 @@ std::string CrashFile::Describe(const CrashPoint& p, const std::vector<Fate>& fa
     s += (o.kind == Op::Kind::kWrite ? "w@" : "z@") + std::to_string(o.offset) + "+" +
          std::to_string(o.length) + ":";
     switch (f.kind) {
-      case Fate::Kind::kLost: s += "lost"; break;
-      case Fate::Kind::kWhole: s += "whole"; break;
-      case Fate::Kind::kPrefix: s += "prefix(" + std::to_string(f.sectors) + ")"; break;
-      case Fate::Kind::kSuffix: s += "suffix(" + std::to_string(f.sectors) + ")"; break;
+      case Fate::Kind::kLost:
+        s += "lost";
+        break;
+      case Fate::Kind::kWhole:
+        s += "whole";
+        break;
+      case Fate::Kind::kPrefix:
+        s += "prefix(" + std::to_string(f.sectors) + ")";
+        break;
+      case Fate::Kind::kSuffix:
+        s += "suffix(" + std::to_string(f.sectors) + ")";
+        break;
     }
   }
   return s + "]";

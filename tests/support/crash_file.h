@@ -47,8 +47,8 @@ class CrashFile final : public File {
     Kind kind;
     uint64_t offset = 0;
     uint64_t length = 0;
-    std::vector<uint8_t> data;     // kWrite only
-    uint64_t issued = 0;           // clock at issue
+    std::vector<uint8_t> data;       // kWrite only
+    uint64_t issued = 0;             // clock at issue
     uint64_t completed = kInFlight;  // clock at completion
   };
 

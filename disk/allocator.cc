@@ -42,10 +42,11 @@ Task<Result<Allocator::Run>> Allocator::Allocate(uint64_t n) {
       if (!f) break;
       ++len;
     }
+    const bool fresh = c >= rc_->file_clusters();
     for (uint64_t i = 0; i < len; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(c + i, 1));
     if (cursor_ == c || cursor_ < c) cursor_ = c + len;
     rc_->NoteFileClusters(c + len);
-    co_return Run{c << cluster_bits_, len};
+    co_return Run{c << cluster_bits_, len, fresh};
   }
 }
 

@@ -33,6 +33,9 @@ class Allocator {
   struct Run {
     uint64_t offset;  // host byte offset of the first cluster
     uint64_t count;   // clusters, >= 1
+    // The run lies past every cluster the image ever used: its bytes read
+    // as zeros without being written.
+    bool fresh = false;
   };
   // Allocates a run of 1..n contiguous clusters, each with refcount 1.
   Task<Result<Run>> Allocate(uint64_t n);

@@ -137,6 +137,9 @@ class Qcow2Device final : public BlockDevice {
   // Discards or zeroes whole guest cluster `gc`. Returns false in `*done`
   // when a v2 image with a backing file needs explicit zeros instead.
   Task<Status> ZeroOrDiscardCluster(uint64_t gc, bool discard, bool may_unmap, bool* done);
+  // Whether cluster-mapping `m` reads as zeros from guest offset `pos` to
+  // the end of its cluster.
+  bool ReadsAsZero(const Mapping& m, uint64_t pos) const;
   // Queues the host clusters an old L2 entry referenced for freeing.
   void FreeOldEntry(uint64_t entry, uint64_t gc, uint64_t keep_host);
 

@@ -31,7 +31,7 @@ LIB_SO  := $(BUILD)/libkvblk.so
 CLI     := $(BUILD)/kvblk
 UNIT    := $(BUILD)/tests/unit_tests
 
-.PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick demo guest
+.PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick demo guest stress
 
 all: $(CLI) $(LIB_A) $(LIB_SO)
 
@@ -42,6 +42,7 @@ help:
 	@echo "make test       deps + build + unit tests + interop tests against qemu-img/qemu-io + guest"
 	@echo "make asan|tsan  the same tests on an AddressSanitizer/ThreadSanitizer build"
 	@echo "make install    install into \$$DESTDIR\$$PREFIX (default /usr/local)"
+	@echo "make stress     long runs: 10,000 power-cut states (seed random unless KVBLK_CRASH_SEED)"
 	@echo "make perf       build the fio engines (build/perf/fio-kvblk.so, fio-vhost-user.so)"
 	@echo "make bench      full fio matrix: raw vs kvblk vs qemu-storage-daemon (perf/results/)"
 	@echo "make bench-quick  a reduced matrix in a few minutes"
@@ -85,6 +86,10 @@ demo: deps
 
 guest: all
 	@tests/guest/guest_test.sh $(BUILD)
+
+stress: $(UNIT)
+	KVBLK_CRASH_STATES=$${KVBLK_CRASH_STATES:-10000} KVBLK_CRASH_SEED=$${KVBLK_CRASH_SEED:-random} \
+	  $(UNIT) --gtest_filter='Workloads/CrashSim.*'
 
 asan:
 	@$(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1

@@ -1,0 +1,16 @@
+#!/bin/bash
+# The vhost-user-blk fio engine (build/perf/fio-vhost-user.so) runs a short
+# verified fio job against both back ends: qemu-storage-daemon and kvblk serve.
+# Arg: build dir. Prints ok/not ok lines; exits non-zero on failure.
+set -uo pipefail
+build=${1:-build}
+cd "$(dirname "$0")/../.."
+# fio and qemu-storage-daemon come with the guest harness's packages.
+tests/guest/deps.sh >/dev/null || { echo "not ok - install fio and qemu-storage-daemon"; exit 1; }
+rc=0
+echo "# back end: qemu-storage-daemon"
+perf/vhost_user_smoke.sh "$build" || rc=1
+echo "# back end: kvblk serve"
+perf/vhost_user_smoke.sh --backend-cmd "$build/kvblk serve --socket={socket} {image}" \
+  "$build" || rc=1
+exit $rc

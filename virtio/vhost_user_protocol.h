@@ -21,6 +21,7 @@
 #ifndef KVBLK_VIRTIO_VHOST_USER_PROTOCOL_H_
 #define KVBLK_VIRTIO_VHOST_USER_PROTOCOL_H_
 
+#include "virtio/error_or.h"
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -205,36 +206,9 @@ bool IsFramingError(VhostUserError e);
 
 // A T, or the VhostUserError that explains why there is none.
 template <typename T>
-class [[nodiscard]] VuResult {
- public:
-  VuResult(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
-  VuResult(VhostUserError e) : v_(e) {}        // NOLINT: implicit by design
-  bool ok() const { return std::holds_alternative<T>(v_); }
-  VhostUserError error() const { return std::get<VhostUserError>(v_); }
-  T& value() & { return std::get<T>(v_); }
-  const T& value() const& { return std::get<T>(v_); }
-  T&& value() && { return std::get<T>(std::move(v_)); }
-  T* operator->() { return &value(); }
-  const T* operator->() const { return &value(); }
-  T& operator*() & { return value(); }
-  const T& operator*() const& { return value(); }
-
- private:
-  std::variant<T, VhostUserError> v_;
-};
-
+using VuResult = ErrorOr<T, VhostUserError>;
 // Success, or the VhostUserError.
-class [[nodiscard]] VuStatus {
- public:
-  VuStatus() = default;
-  VuStatus(VhostUserError e) : error_(e), ok_(false) {}  // NOLINT: implicit by design
-  bool ok() const { return ok_; }
-  VhostUserError error() const { return error_; }
-
- private:
-  VhostUserError error_ = VhostUserError::kPeerClosed;
-  bool ok_ = true;
-};
+using VuStatus = ErrorStatus<VhostUserError>;
 
 // ---- Messages and payloads -------------------------------------------------
 

@@ -13,6 +13,7 @@
 #ifndef KVBLK_VIRTIO_VIRTIO_ERROR_H_
 #define KVBLK_VIRTIO_VIRTIO_ERROR_H_
 
+#include "virtio/error_or.h"
 #include <cstdint>
 #include <utility>
 #include <variant>
@@ -88,37 +89,9 @@ Status VirtioErrorToStatus(VirtioError e, const std::string& context);
 
 // A T, or the VirtioError that explains why there is none.
 template <typename T>
-class [[nodiscard]] VirtioResult {
- public:
-  VirtioResult(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
-  VirtioResult(VirtioError e) : v_(e) {}           // NOLINT: implicit by design
-
-  bool ok() const { return std::holds_alternative<T>(v_); }
-  VirtioError error() const { return std::get<VirtioError>(v_); }
-  T& value() & { return std::get<T>(v_); }
-  const T& value() const& { return std::get<T>(v_); }
-  T&& value() && { return std::get<T>(std::move(v_)); }
-  T* operator->() { return &value(); }
-  const T* operator->() const { return &value(); }
-  T& operator*() & { return value(); }
-  const T& operator*() const& { return value(); }
-
- private:
-  std::variant<T, VirtioError> v_;
-};
-
+using VirtioResult = ErrorOr<T, VirtioError>;
 // No value: success, or the VirtioError.
-class [[nodiscard]] VirtioStatus {
- public:
-  VirtioStatus() = default;
-  VirtioStatus(VirtioError e) : error_(e), ok_(false) {}  // NOLINT: implicit by design
-  bool ok() const { return ok_; }
-  VirtioError error() const { return error_; }
-
- private:
-  VirtioError error_ = VirtioError::kAddressOutsideGuestMemory;
-  bool ok_ = true;
-};
+using VirtioStatus = ErrorStatus<VirtioError>;
 
 }  // namespace kvblk
 

@@ -83,12 +83,17 @@ class PosixFile final : public File {
 
   Task<Status> Flush() override {
     if (ro_) co_return Status::Ok();
+    if (!flush_failed_.ok()) co_return flush_failed_;
     IoOp op;
     op.kind = IoOp::Kind::kFdatasync;
     op.fd = fd_;
     int64_t r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
-    if (r < 0) co_return Status::FromErrno(static_cast<int>(-r), path_ + ": flush failed");
-    co_return Status::Ok();
+    if (r < 0) {
+      // After a failed sync the kernel may have dropped the dirty pages, so
+      // a later sync could succeed without the data: fail every later flush.
+      flush_failed_ = Status::FromErrno(static_cast<int>(-r), path_ + ": flush failed");
+    }
+    co_return flush_failed_;
   }
 
   Task<Status> Discard(uint64_t offset, uint64_t length) override {
@@ -203,21 +208,26 @@ class PosixFile final : public File {
     co_return co_await IoAwaiter{&EventLoop::Current().engine(), &op};
   }
 
-  Task<Status> RawReadV(const iovec* iov, int iovcnt, uint64_t offset) {
+  // Transfers the whole iovec, resubmitting after short transfers. A read
+  // that reaches the end of the file fills the rest with zeros.
+  Task<Status> RawIo(bool write, const iovec* iov, int iovcnt, uint64_t offset) {
     std::vector<iovec> rest(iov, iov + iovcnt);
     size_t want = IovLength(iov, iovcnt);
     while (want > 0) {
       IoOp op;
-      op.kind = IoOp::Kind::kReadv;
+      op.kind = write ? IoOp::Kind::kWritev : IoOp::Kind::kReadv;
       op.fd = fd_;
       op.iov = rest.data();
       op.iovcnt = static_cast<int>(std::min<size_t>(rest.size(), IOV_MAX));
       op.offset = offset;
       int64_t r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
       if (r == -EINTR || r == -EAGAIN) continue;
-      if (r < 0) co_return Status::FromErrno(static_cast<int>(-r), Where("read", offset));
-      if (r == 0) {  // end of file: the rest reads as zeros
-        for (auto& v : rest) std::memset(v.iov_base, 0, v.iov_len);
+      if (r < 0) {
+        co_return Status::FromErrno(static_cast<int>(-r), Where(write ? "write" : "read", offset));
+      }
+      if (r == 0) {
+        if (write) co_return Status(StatusCode::kIoError, Where("write made no progress", offset));
+        for (auto& v : rest) std::memset(v.iov_base, 0, v.iov_len);  // end of file
         break;
       }
       AdvanceIov(&rest, static_cast<size_t>(r));
@@ -226,26 +236,11 @@ class PosixFile final : public File {
     }
     co_return Status::Ok();
   }
-
+  Task<Status> RawReadV(const iovec* iov, int iovcnt, uint64_t offset) {
+    return RawIo(false, iov, iovcnt, offset);
+  }
   Task<Status> RawWriteV(const iovec* iov, int iovcnt, uint64_t offset) {
-    std::vector<iovec> rest(iov, iov + iovcnt);
-    size_t want = IovLength(iov, iovcnt);
-    while (want > 0) {
-      IoOp op;
-      op.kind = IoOp::Kind::kWritev;
-      op.fd = fd_;
-      op.iov = rest.data();
-      op.iovcnt = static_cast<int>(std::min<size_t>(rest.size(), IOV_MAX));
-      op.offset = offset;
-      int64_t r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
-      if (r == -EINTR || r == -EAGAIN) continue;
-      if (r < 0) co_return Status::FromErrno(static_cast<int>(-r), Where("write", offset));
-      if (r == 0) co_return Status(StatusCode::kIoError, Where("write made no progress", offset));
-      AdvanceIov(&rest, static_cast<size_t>(r));
-      offset += static_cast<uint64_t>(r);
-      want -= static_cast<size_t>(r);
-    }
-    co_return Status::Ok();
+    return RawIo(true, iov, iovcnt, offset);
   }
 
   // O_DIRECT with an unaligned request: read the covering aligned span.
@@ -293,6 +288,7 @@ class PosixFile final : public File {
   bool blockdev_;
   uint32_t align_;
   AsyncMutex rmw_mu_;
+  Status flush_failed_;  // sticky: set by the first failed sync
 };
 
 }  // namespace

@@ -105,6 +105,11 @@ t_start=$(now)
 echo "# backend $BACKEND, images from $IMAGES ($(sed -n 's/^kernel=//p' "$IMAGES/manifest" 2>/dev/null)), work dir $W"
 
 # --- back ends ----------------------------------------------------------------------
+# The data disk runs with DATA_QUEUES virtqueues (the guest has as many
+# vCPUs, so its driver uses them all); the root disk with one.
+DATA_QUEUES=${DATA_QUEUES:-2}
+queues_for() { if [ "$1" = data ]; then echo "$DATA_QUEUES"; else echo 1; fi; }
+
 start_backend() {
   local d=$1 img=$W/$1.qcow2 sock=$W/$1.sock log=$W/$1.backend.log
   rm -f "$sock"
@@ -115,12 +120,13 @@ start_backend() {
       qemu-storage-daemon \
         --blockdev "driver=file,node-name=f,filename=$img,discard=unmap" \
         --blockdev "driver=qcow2,node-name=q,file=f,discard=unmap" \
-        --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$sock,writable=on" \
+        --export "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=$sock,writable=on,num-queues=$(queues_for "$d")" \
         >"$log" 2>&1 &
       ;;
     kvblk)
       # shellcheck disable=SC2086
-      "$KVBLK" serve -f qcow2 --once ${KVBLK_SERVE_ARGS:-} --socket "$sock" "$img" >"$log" 2>&1 &
+      "$KVBLK" serve -f qcow2 --once --num-queues "$(queues_for "$d")" ${KVBLK_SERVE_ARGS:-} \
+        --socket "$sock" "$img" >"$log" 2>&1 &
       ;;
   esac
   BPID[$d]=$!
@@ -159,14 +165,14 @@ CONSOLE=$W/console.log
 QEMU_ARGS=(
   -machine q35,accel=tcg,memory-backend=mem
   -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" -m "$GUEST_MEM"
-  -smp 1 -nodefaults -nographic -no-reboot -serial stdio -monitor none
+  -smp "$DATA_QUEUES" -nodefaults -nographic -no-reboot -serial stdio -monitor none
   -kernel "$IMAGES/vmlinuz" -initrd "$IMAGES/initrd.cpio.gz"
   -append "console=ttyS0 panic=-1 rdinit=/init"
 )
 i=0
 for d in "${DISKS[@]}"; do
   QEMU_ARGS+=(-chardev "socket,id=c$i,path=$W/$d.sock"
-              -device "vhost-user-blk-pci,chardev=c$i,num-queues=1")
+              -device "vhost-user-blk-pci,chardev=c$i,num-queues=$(queues_for "$d")")
   i=$((i + 1))
 done
 echo "qemu-system-x86_64 ${QEMU_ARGS[*]}" >"$W/qemu.cmdline"
@@ -217,6 +223,12 @@ verdict=$(grep -a '^KVBLK-GUEST-RESULT: ' "$CONSOLE.txt" | head -1)
 if grep -aqE 'Kernel panic|BUG:|Oops:|blk_update_request: I/O error|I/O error, dev vd' "$CONSOLE.txt"; then
   not_ok "guest kernel logged no panic, oops or I/O error"
   grep -aE -B2 -A8 'Kernel panic|BUG:|Oops:|I/O error' "$CONSOLE.txt" | head -60 | indent
+fi
+nq=$(tr -d '\r' <"$CONSOLE" | sed -n 's/.*data disk [^:]*: [0-9]* MiB, \([0-9]*\) queue(s).*/\1/p' | head -1)
+if [ "${nq:-0}" = "$DATA_QUEUES" ]; then
+  ok "guest driver uses $nq virtqueues on the data disk"
+else
+  not_ok "guest driver uses $DATA_QUEUES virtqueues on the data disk (saw '${nq:-none}')"
 fi
 case "$verdict" in
   "KVBLK-GUEST-RESULT: PASS"*)
@@ -274,6 +286,11 @@ for d in "${DISKS[@]}"; do
     echo "$out" | head -40 | indent
   fi
 done
+
+if [ -x "${KVBLK:-}" ]; then
+  echo "# kvblk info data.qcow2 after the run:"
+  "$KVBLK" info "$W/data.qcow2" 2>&1 | indent
+fi
 
 total_s=$(elapsed "$t_start" "$(now)")
 echo "# guest run with $BACKEND: boot to rootfs ${boot_s:-?} s (guest clock), guest ${guest_s} s, total ${total_s} s"

@@ -3,16 +3,21 @@
 namespace kvblk::qcow2 {
 
 Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
-  if (inflight_.count(cluster)) co_return false;
   // Past the end of the file too: a crash can leave a refcount for a cluster
   // whose append was lost (a leak), and it must not be counted twice.
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await rc_->Get(cluster));
-  co_return rc == 0;
+  if (rc != 0) co_return false;
+  if (inflight_.count(cluster)) {
+    passed_over_.insert(cluster);  // EndIo brings the cursor back to it
+    co_return false;
+  }
+  co_return true;
 }
 
 Task<Result<Allocator::Run>> Allocator::Allocate(uint64_t n) {
   co_await mu_.Lock();
   ExclusiveGuard g(&mu_);
+  const uint64_t start = cursor_;
   uint64_t c = cursor_;
   for (;;) {
     KVBLK_CO_ASSIGN_OR_RETURN(bool free, co_await IsFree(c));
@@ -44,7 +49,8 @@ Task<Result<Allocator::Run>> Allocator::Allocate(uint64_t n) {
     }
     const bool fresh = c >= rc_->file_clusters();
     for (uint64_t i = 0; i < len; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(c + i, 1));
-    if (cursor_ == c || cursor_ < c) cursor_ = c + len;
+    // Advance the hint unless a free or EndIo moved it back meanwhile.
+    if (cursor_ == start) cursor_ = c + len;
     rc_->NoteFileClusters(c + len);
     co_return Run{c << cluster_bits_, len, fresh};
   }

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -64,7 +65,10 @@ class Allocator {
   void BeginIo(uint64_t host_cluster) { ++inflight_[host_cluster]; }
   void EndIo(uint64_t host_cluster) {
     auto it = inflight_.find(host_cluster);
-    if (it != inflight_.end() && --it->second == 0) inflight_.erase(it);
+    if (it == inflight_.end() || --it->second != 0) return;
+    inflight_.erase(it);
+    // A free cluster that allocation passed over for this I/O is usable now.
+    if (passed_over_.erase(host_cluster) && host_cluster < cursor_) cursor_ = host_cluster;
   }
 
  private:
@@ -79,6 +83,7 @@ class Allocator {
   uint64_t compressed_next_ = 0;  // next free byte in the compressed cluster, or 0
   FreeList deferred_;
   std::unordered_map<uint64_t, int> inflight_;
+  std::unordered_set<uint64_t> passed_over_;  // free, skipped while I/O was in flight
 };
 
 }  // namespace kvblk::qcow2

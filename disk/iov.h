@@ -1,4 +1,4 @@
-// IovCursor: walks an iovec array front to back, handing out slices.
+// Small helpers over iovec arrays: lengths, slices, zero fill, copies.
 #ifndef KVBLK_DISK_IOV_H_
 #define KVBLK_DISK_IOV_H_
 
@@ -11,76 +11,15 @@
 
 namespace kvblk {
 
-class IovCursor {
- public:
-  IovCursor(const iovec* iov, int iovcnt) : iov_(iov), n_(iovcnt) {}
-
-  // Appends the next `len` bytes, as iovecs, to `out`, and advances.
-  void Take(size_t len, std::vector<iovec>* out) {
-    while (len > 0 && i_ < n_) {
-      size_t avail = iov_[i_].iov_len - off_;
-      size_t k = std::min(avail, len);
-      if (k > 0) out->push_back({static_cast<char*>(iov_[i_].iov_base) + off_, k});
-      Advance(k);
-      len -= k;
-    }
-  }
-  // Fills the next `len` bytes with zeros, and advances.
-  void Zero(size_t len) {
-    while (len > 0 && i_ < n_) {
-      size_t k = std::min(iov_[i_].iov_len - off_, len);
-      std::memset(static_cast<char*>(iov_[i_].iov_base) + off_, 0, k);
-      Advance(k);
-      len -= k;
-    }
-  }
-  // Copies `len` bytes from `src` into the next bytes, and advances.
-  void CopyIn(const uint8_t* src, size_t len) {
-    while (len > 0 && i_ < n_) {
-      size_t k = std::min(iov_[i_].iov_len - off_, len);
-      std::memcpy(static_cast<char*>(iov_[i_].iov_base) + off_, src, k);
-      src += k;
-      Advance(k);
-      len -= k;
-    }
-  }
-  // Copies the next `len` bytes out to `dst`, and advances.
-  void CopyOut(uint8_t* dst, size_t len) {
-    while (len > 0 && i_ < n_) {
-      size_t k = std::min(iov_[i_].iov_len - off_, len);
-      std::memcpy(dst, static_cast<const char*>(iov_[i_].iov_base) + off_, k);
-      dst += k;
-      Advance(k);
-      len -= k;
-    }
-  }
-  void Skip(size_t len) {
-    while (len > 0 && i_ < n_) {
-      size_t k = std::min(iov_[i_].iov_len - off_, len);
-      Advance(k);
-      len -= k;
-    }
-  }
-
- private:
-  void Advance(size_t k) {
-    off_ += k;
-    while (i_ < n_ && off_ >= iov_[i_].iov_len) {
-      off_ -= iov_[i_].iov_len;
-      ++i_;
-      if (off_ == 0) break;
-    }
-  }
-  const iovec* iov_;
-  int n_;
-  int i_ = 0;
-  size_t off_ = 0;
-};
-
-}  // namespace kvblk
-
-
-namespace kvblk {
+// Total length of an iovec array.
+inline size_t IovTotal(const iovec* iov, int iovcnt) {
+  size_t n = 0;
+  for (int i = 0; i < iovcnt; ++i) n += iov[i].iov_len;
+  return n;
+}
+inline size_t IovTotal(const std::vector<iovec>& v) {
+  return IovTotal(v.data(), static_cast<int>(v.size()));
+}
 
 // Appends to `out` the iovecs covering bytes [skip, skip + len) of `in`.
 inline void SliceIov(const std::vector<iovec>& in, size_t skip, size_t len,
@@ -98,8 +37,30 @@ inline void SliceIov(const std::vector<iovec>& in, size_t skip, size_t len,
   }
 }
 
+// Drops the first `done` bytes of `*v` (after a short transfer).
+inline void AdvanceIov(std::vector<iovec>* v, size_t done) {
+  size_t i = 0;
+  while (i < v->size() && done >= (*v)[i].iov_len) {
+    done -= (*v)[i].iov_len;
+    ++i;
+  }
+  v->erase(v->begin(), v->begin() + static_cast<long>(i));
+  if (!v->empty() && done > 0) {
+    (*v)[0].iov_base = static_cast<char*>((*v)[0].iov_base) + done;
+    (*v)[0].iov_len -= done;
+  }
+}
+
 inline void ZeroIov(const std::vector<iovec>& v) {
   for (const iovec& x : v) std::memset(x.iov_base, 0, x.iov_len);
+}
+
+// Fills `v` front to back from `src` (IovTotal(v) bytes).
+inline void CopyToIov(const std::vector<iovec>& v, const uint8_t* src) {
+  for (const iovec& x : v) {
+    std::memcpy(x.iov_base, src, x.iov_len);
+    src += x.iov_len;
+  }
 }
 
 }  // namespace kvblk

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "disk/iov.h"
 #include "kvblk/event_loop.h"
 
 namespace kvblk {
@@ -24,8 +25,7 @@ Task<Status> MemFile::Begin(const MemFileEvent& ev) {
 }
 
 Task<Status> MemFile::ReadV(const iovec* iov, int iovcnt, uint64_t offset) {
-  size_t len = 0;
-  for (int i = 0; i < iovcnt; ++i) len += iov[i].iov_len;
+  const size_t len = IovTotal(iov, iovcnt);
   KVBLK_CO_RETURN_IF_ERROR(co_await Begin({MemFileEvent::Kind::kRead, offset, len}));
   std::lock_guard<std::mutex> l(data_->mu);
   const auto& b = data_->bytes;
@@ -43,8 +43,7 @@ Task<Status> MemFile::ReadV(const iovec* iov, int iovcnt, uint64_t offset) {
 
 Task<Status> MemFile::WriteV(const iovec* iov, int iovcnt, uint64_t offset) {
   if (ro_) co_return Status::ReadOnly(name_ + ": read-only");
-  size_t len = 0;
-  for (int i = 0; i < iovcnt; ++i) len += iov[i].iov_len;
+  const size_t len = IovTotal(iov, iovcnt);
   KVBLK_CO_RETURN_IF_ERROR(co_await Begin({MemFileEvent::Kind::kWrite, offset, len}));
   std::lock_guard<std::mutex> l(data_->mu);
   auto& b = data_->bytes;

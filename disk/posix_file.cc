@@ -15,6 +15,7 @@
 #include "disk/async_lock.h"
 #include "disk/file.h"
 #include "disk/io_engine.h"
+#include "disk/iov.h"
 #include "kvblk/event_loop.h"
 
 namespace kvblk {
@@ -30,26 +31,6 @@ Task<Status> File::Write(const void* buf, size_t len, uint64_t offset) {
 }
 
 namespace {
-
-size_t IovLength(const iovec* iov, int n) {
-  size_t s = 0;
-  for (int i = 0; i < n; ++i) s += iov[i].iov_len;
-  return s;
-}
-
-// Drops `done` bytes from the front of an iovec array (in a scratch copy).
-void AdvanceIov(std::vector<iovec>* v, size_t done) {
-  size_t i = 0;
-  while (i < v->size() && done >= (*v)[i].iov_len) {
-    done -= (*v)[i].iov_len;
-    ++i;
-  }
-  v->erase(v->begin(), v->begin() + static_cast<long>(i));
-  if (!v->empty() && done > 0) {
-    (*v)[0].iov_base = static_cast<char*>((*v)[0].iov_base) + done;
-    (*v)[0].iov_len -= done;
-  }
-}
 
 struct AlignedBuffer {
   void* p = nullptr;
@@ -212,7 +193,7 @@ class PosixFile final : public File {
   // that reaches the end of the file fills the rest with zeros.
   Task<Status> RawIo(bool write, const iovec* iov, int iovcnt, uint64_t offset) {
     std::vector<iovec> rest(iov, iov + iovcnt);
-    size_t want = IovLength(iov, iovcnt);
+    size_t want = IovTotal(iov, iovcnt);
     while (want > 0) {
       IoOp op;
       op.kind = write ? IoOp::Kind::kWritev : IoOp::Kind::kReadv;
@@ -245,7 +226,7 @@ class PosixFile final : public File {
 
   // O_DIRECT with an unaligned request: read the covering aligned span.
   Task<Status> BounceRead(const iovec* iov, int iovcnt, uint64_t offset) {
-    size_t len = IovLength(iov, iovcnt);
+    size_t len = IovTotal(iov, iovcnt);
     uint64_t start = offset / align_ * align_;
     uint64_t end = (offset + len + align_ - 1) / align_ * align_;
     AlignedBuffer buf(end - start, std::max<uint32_t>(align_, 4096));
@@ -263,7 +244,7 @@ class PosixFile final : public File {
   // O_DIRECT with an unaligned request: read-modify-write of the aligned
   // span, serialised so that two partial-block writes cannot undo each other.
   Task<Status> BounceWrite(const iovec* iov, int iovcnt, uint64_t offset) {
-    size_t len = IovLength(iov, iovcnt);
+    size_t len = IovTotal(iov, iovcnt);
     uint64_t start = offset / align_ * align_;
     uint64_t end = (offset + len + align_ - 1) / align_ * align_;
     bool rmw = start != offset || end != offset + len;

@@ -51,8 +51,7 @@ class IoPin {
 // --- reads ----------------------------------------------------------------
 
 Task<Status> Qcow2Device::ReadBacking(uint64_t pos, const std::vector<iovec>& iov) {
-  size_t len = 0;
-  for (const auto& v : iov) len += v.iov_len;
+  const size_t len = IovTotal(iov);
   uint64_t bsize = backing_ ? backing_->size() : 0;
   size_t avail = pos >= bsize ? 0 : static_cast<size_t>(std::min<uint64_t>(len, bsize - pos));
   if (avail > 0) {
@@ -81,10 +80,7 @@ Task<Status> Qcow2Device::ReadCompressed(const Mapping& m, uint64_t pos,
     co_return st.WithContext(file_->path() + ": compressed cluster at host offset " +
                              std::to_string(m.comp_offset));
   }
-  IovCursor cur(iov.data(), static_cast<int>(iov.size()));
-  size_t len = 0;
-  for (const auto& v : iov) len += v.iov_len;
-  cur.CopyIn(out.data() + (pos & (cluster_size_ - 1)), len);
+  CopyToIov(iov, out.data() + (pos & (cluster_size_ - 1)));
   co_return Status::Ok();
 }
 
@@ -227,8 +223,7 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
 }
 
 Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>& data) {
-  size_t len = 0;
-  for (const auto& v : data) len += v.iov_len;
+  const size_t len = IovTotal(data);
   const uint64_t end = offset + len;
   uint64_t pos = offset;
   std::vector<iovec> part;

@@ -7,12 +7,6 @@
 
 namespace kvblk {
 
-size_t IovTotal(const iovec* iov, int iovcnt) {
-  size_t n = 0;
-  for (int i = 0; i < iovcnt; ++i) n += iov[i].iov_len;
-  return n;
-}
-
 Task<Status> BlockDevice::Read(uint64_t offset, void* buf, size_t len) {
   iovec v{buf, len};
   co_return co_await Read(offset, &v, 1);

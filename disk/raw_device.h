@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "disk/file.h"
+#include "disk/iov.h"
 #include "kvblk/block_device.h"
 
 namespace kvblk {
@@ -35,9 +36,6 @@ class RawDevice final : public BlockDevice {
   std::unique_ptr<File> file_;
   uint64_t size_;
 };
-
-// Total length of an iovec array.
-size_t IovTotal(const iovec* iov, int iovcnt);
 
 }  // namespace kvblk
 

@@ -39,6 +39,9 @@ for script in tests/interop/*.sh tests/guest/guest_test.sh; do
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
     echo "not ok - $script exited with status $rc"
     f=1
+  elif [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+    echo "not ok - $script reported no checks"
+    f=1
   fi
   passed=$((passed + p))
   failed=$((failed + f))

@@ -8,6 +8,7 @@
 # Every check prints "ok - <description>" or "not ok - <description>" (with
 # the evidence indented under it); the script exits non-zero if any check
 # failed. Images live in a temporary directory that is removed on exit.
+TAP_LIB=$(cd "$(dirname "$0")/../support" && pwd)/tap.sh
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -32,17 +33,7 @@ failures=0
 checks=0
 : >"$T/.evidence"
 
-pass() {
-  checks=$((checks + 1))
-  echo "ok - $1"
-}
-
-fail() {
-  checks=$((checks + 1))
-  failures=$((failures + 1))
-  echo "not ok - $1"
-  if [ -s "$T/.evidence" ]; then sed 's/^/#   /' "$T/.evidence" | head -n 30; fi
-}
+. "$TAP_LIB"
 
 # verdict DESC CONDITION-EXIT-STATUS
 verdict() { if [ "$2" -eq 0 ]; then pass "$1"; else fail "$1"; fi; }

@@ -6,6 +6,7 @@
 # Every check prints "ok - <description>" or "not ok - <description>" (with
 # the evidence indented under it); the script exits non-zero if any check
 # failed. Images live in a temporary directory that is removed on exit.
+TAP_LIB=$(cd "$(dirname "$0")/../support" && pwd)/tap.sh
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -29,24 +30,7 @@ export LC_ALL=C
 failures=0
 checks=0
 
-pass() {
-  checks=$((checks + 1))
-  echo "ok - $1"
-}
-
-fail() {
-  checks=$((checks + 1))
-  failures=$((failures + 1))
-  echo "not ok - $1"
-  if [ -s "$T/.evidence" ]; then sed 's/^/#   /' "$T/.evidence" | head -n 25; fi
-}
-
-# check DESC CMD...: CMD succeeds (its output is shown if it does not).
-check() {
-  local desc=$1
-  shift
-  if "$@" >"$T/.evidence" 2>&1; then pass "$desc"; else fail "$desc"; fi
-}
+. "$TAP_LIB"
 
 # quietly IMG: qemu-img/qemu-io noise goes to the evidence file only.
 q() { "$@" >>"$T/.evidence" 2>&1; }

@@ -10,6 +10,7 @@
 # the evidence indented under it); the script exits non-zero if any check
 # failed. Everything lives in a temporary directory removed on exit, and
 # every server started here is killed on exit.
+TAP_LIB=$(cd "$(dirname "$0")/../support" && pwd)/tap.sh
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -38,24 +39,7 @@ export LC_ALL=C
 failures=0
 checks=0
 
-pass() {
-  checks=$((checks + 1))
-  echo "ok - $1"
-}
-
-fail() {
-  checks=$((checks + 1))
-  failures=$((failures + 1))
-  echo "not ok - $1"
-  if [ -s "$T/.evidence" ]; then sed 's/^/#   /' "$T/.evidence" | head -n 25; fi
-}
-
-# check DESC CMD...: CMD succeeds (its output is shown if it does not).
-check() {
-  local desc=$1
-  shift
-  if "$@" >"$T/.evidence" 2>&1; then pass "$desc"; else fail "$desc"; fi
-}
+. "$TAP_LIB"
 
 # fails_with DESC TEXT CMD...: CMD exits 1 and prints exactly one line on
 # stderr, "kvblk serve: ..." containing TEXT, and nothing on stdout.

@@ -1,5 +1,7 @@
 #include "disk/allocator.h"
 
+#include <algorithm>
+
 namespace kvblk::qcow2 {
 
 Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
@@ -7,16 +9,109 @@ Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
   // whose append was lost (a leak), and it must not be counted twice.
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await rc_->Get(cluster));
   if (rc != 0) co_return false;
-  if (inflight_.count(cluster)) {
-    passed_over_.insert(cluster);  // EndIo brings the cursor back to it
-    co_return false;
+  bool pinned;
+  {
+    std::lock_guard<std::mutex> l(pin_mu_);
+    pinned = inflight_.count(cluster) != 0;
+    if (pinned) passed_over_.insert(cluster);  // EndIo brings the cursor back to it
   }
-  co_return true;
+  co_return !pinned;
+}
+
+void Allocator::EnablePool(uint64_t max_clusters) {
+  pool_on_ = max_clusters > 0;
+  pool_max_ = max_clusters;
+  high_ = std::min<uint64_t>(pool_max_, 16);
 }
 
 Task<Result<Allocator::Run>> Allocator::Allocate(uint64_t n) {
   co_await mu_.Lock();
   ExclusiveGuard g(&mu_);
+  {
+    std::lock_guard<std::mutex> l(pin_mu_);
+    cursor_ = std::min(cursor_, released_min_);
+    released_min_ = std::numeric_limits<uint64_t>::max();
+  }
+  if (!pool_on_) co_return co_await AllocateLocked(n);
+  if (!refill_status_.ok()) {
+    Status st = refill_status_;
+    refill_status_ = Status::Ok();
+    co_return st;
+  }
+  if (pool_.empty()) {
+    ran_dry_ = true;
+    KVBLK_CO_RETURN_IF_ERROR(co_await RefillLocked(std::max(high_, n)));
+  }
+  Run& front = pool_.front();
+  Run out{front.offset, std::min(n, front.count), front.fresh};
+  front.offset += out.count << cluster_bits_;
+  front.count -= out.count;
+  if (front.count == 0) pool_.pop_front();
+  pool_clusters_ -= out.count;
+  if (pool_clusters_ < high_ / 4 && !refilling_) {
+    refilling_ = true;
+    Spawn(BackgroundRefill(), [] {});
+  }
+  co_return out;
+}
+
+Task<Status> Allocator::RefillLocked(uint64_t target) {
+  // Adapt the marks to demand: grow when allocations had to wait, shrink
+  // when the pool stayed half full through a whole refill period.
+  if (ran_dry_) {
+    high_ = std::min(pool_max_, high_ * 2);
+  } else if (pool_clusters_ > high_ / 2) {
+    high_ = std::max<uint64_t>(4, high_ / 2);
+  }
+  ran_dry_ = false;
+  target = std::max(target, high_);
+  while (pool_clusters_ < target) {
+    KVBLK_CO_ASSIGN_OR_RETURN(Run r, co_await AllocateLocked(target - pool_clusters_));
+    // Merge with the last run when contiguous (appends at the file end).
+    if (!pool_.empty() && pool_.back().offset + (pool_.back().count << cluster_bits_) == r.offset &&
+        pool_.back().fresh == r.fresh) {
+      pool_.back().count += r.count;
+    } else {
+      pool_.push_back(r);
+    }
+    pool_clusters_ += r.count;
+  }
+  co_return Status::Ok();
+}
+
+Task<void> Allocator::BackgroundRefill() {
+  AsyncEvent done;
+  refill_done_ = &done;
+  co_await mu_.Lock();
+  ExclusiveGuard g(&mu_);
+  if (pool_on_ && pool_clusters_ < high_) {
+    Status st = co_await RefillLocked(high_);
+    if (!st.ok()) refill_status_ = st;
+  }
+  refilling_ = false;
+  refill_done_ = nullptr;
+  g.Release();
+  done.Set();
+}
+
+Task<Status> Allocator::ReleasePool() {
+  if (refill_done_ != nullptr) co_await refill_done_->Wait();
+  co_await mu_.Lock();
+  ExclusiveGuard g(&mu_);
+  pool_on_ = false;
+  while (!pool_.empty()) {
+    Run r = pool_.front();
+    for (uint64_t i = 0; i < r.count; ++i) {
+      KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add((r.offset >> cluster_bits_) + i, -1));
+    }
+    cursor_ = std::min(cursor_, r.offset >> cluster_bits_);
+    pool_clusters_ -= r.count;
+    pool_.pop_front();
+  }
+  co_return Status::Ok();
+}
+
+Task<Result<Allocator::Run>> Allocator::AllocateLocked(uint64_t n) {
   const uint64_t start = cursor_;
   uint64_t c = cursor_;
   for (;;) {

@@ -8,6 +8,16 @@
 // in-place write that races with a discard can never land in a cluster that
 // was already given to someone else.
 //
+// Pre-allocation (EnablePool): Allocate() serves runs from a volatile pool
+// of clusters whose refcounts were raised in one batch, so concurrent
+// allocating writes share one refcount update and rarely wait on the
+// refcount blocks. When the pool falls below its low mark a background
+// refill (on the home loop) tops it up to the high mark; the marks double
+// when allocations found the pool empty and halve when a refill finds it
+// still half full. ReleasePool() returns every pooled cluster (clean close:
+// no leaks); after a crash pooled clusters are leaks, never corruption
+// (nothing points to them).
+//
 // Frees are deferred: DeferFree() records a cluster whose last reference was
 // removed from an L2 or L1 table in memory; ApplyDeferredFrees() drops the
 // refcounts, and must only be called once those table changes are durable
@@ -16,6 +26,9 @@
 #define KVBLK_DISK_ALLOCATOR_H_
 
 #include <cstdint>
+#include <deque>
+#include <limits>
+#include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -40,6 +53,14 @@ class Allocator {
   };
   // Allocates a run of 1..n contiguous clusters, each with refcount 1.
   Task<Result<Run>> Allocate(uint64_t n);
+
+  // Turns pre-allocation on, keeping at most `max_clusters` pooled.
+  void EnablePool(uint64_t max_clusters);
+  // Drops the refcount of every pooled cluster (they are referenced by
+  // nothing) and turns pre-allocation off. Waits for a running refill.
+  Task<Status> ReleasePool();
+  uint64_t pooled_clusters() const { return pool_clusters_; }
+  uint64_t pool_high_mark() const { return high_; }
   // Allocates exactly n contiguous clusters (for tables), at the file end.
   Task<Result<uint64_t>> AllocateContiguous(uint64_t n);
   // Allocates `len` bytes (<= one cluster) for a compressed cluster; the
@@ -62,18 +83,32 @@ class Allocator {
   // are punched out of the host file.
   Task<Status> ApplyFrees(FreeList frees);
 
-  void BeginIo(uint64_t host_cluster) { ++inflight_[host_cluster]; }
+  // Thread-safe: mark data I/O on a host cluster as started / finished.
+  void BeginIo(uint64_t host_cluster) {
+    std::lock_guard<std::mutex> l(pin_mu_);
+    ++inflight_[host_cluster];
+  }
   void EndIo(uint64_t host_cluster) {
+    std::lock_guard<std::mutex> l(pin_mu_);
     auto it = inflight_.find(host_cluster);
     if (it == inflight_.end() || --it->second != 0) return;
     inflight_.erase(it);
-    // A free cluster that allocation passed over for this I/O is usable now.
-    if (passed_over_.erase(host_cluster) && host_cluster < cursor_) cursor_ = host_cluster;
+    // A free cluster that allocation passed over for this I/O is usable
+    // now; the home loop lowers the cursor to it on its next allocation.
+    if (passed_over_.erase(host_cluster) && host_cluster < released_min_) {
+      released_min_ = host_cluster;
+    }
   }
 
  private:
   // Whether `cluster` can be handed out.
   Task<Result<bool>> IsFree(uint64_t cluster);
+  // Allocate() without the pool. Requires mu_.
+  Task<Result<Run>> AllocateLocked(uint64_t n);
+  // Tops the pool up to `target` clusters. Requires mu_.
+  Task<Status> RefillLocked(uint64_t target);
+  // The background refill started when the pool runs low.
+  Task<void> BackgroundRefill();
 
   Refcounts* rc_;
   File* file_;
@@ -82,8 +117,22 @@ class Allocator {
   uint64_t cursor_ = 0;
   uint64_t compressed_next_ = 0;  // next free byte in the compressed cluster, or 0
   FreeList deferred_;
-  std::unordered_map<uint64_t, int> inflight_;
-  std::unordered_set<uint64_t> passed_over_;  // free, skipped while I/O was in flight
+  // Pre-allocation; all of it the home loop's.
+  bool pool_on_ = false;
+  std::deque<Run> pool_;
+  uint64_t pool_clusters_ = 0;
+  uint64_t pool_max_ = 0;
+  uint64_t high_ = 0;          // refill target
+  bool ran_dry_ = false;       // an Allocate() found the pool empty since the last refill
+  bool refilling_ = false;
+  AsyncEvent* refill_done_ = nullptr;  // set while a background refill runs
+  Status refill_status_;       // a failed background refill, reported by the next Allocate
+  // Pins may be taken and released on any I/O thread; everything above is
+  // the home loop's.
+  std::mutex pin_mu_;
+  std::unordered_map<uint64_t, int> inflight_;                  // guarded by pin_mu_
+  std::unordered_set<uint64_t> passed_over_;                    // guarded by pin_mu_
+  uint64_t released_min_ = std::numeric_limits<uint64_t>::max();  // guarded by pin_mu_
 };
 
 }  // namespace kvblk::qcow2

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "disk/async_lock.h"
@@ -64,7 +65,7 @@ class PosixFile final : public File {
 
   Task<Status> Flush() override {
     if (ro_) co_return Status::Ok();
-    if (!flush_failed_.ok()) co_return flush_failed_;
+    if (Status failed = FlushFailed(); !failed.ok()) co_return failed;
     IoOp op;
     op.kind = IoOp::Kind::kFdatasync;
     op.fd = fd_;
@@ -72,9 +73,12 @@ class PosixFile final : public File {
     if (r < 0) {
       // After a failed sync the kernel may have dropped the dirty pages, so
       // a later sync could succeed without the data: fail every later flush.
-      flush_failed_ = Status::FromErrno(static_cast<int>(-r), path_ + ": flush failed");
+      std::lock_guard<std::mutex> l(flush_mu_);
+      if (flush_failed_.ok()) {
+        flush_failed_ = Status::FromErrno(static_cast<int>(-r), path_ + ": flush failed");
+      }
     }
-    co_return flush_failed_;
+    co_return FlushFailed();
   }
 
   Task<Status> Discard(uint64_t offset, uint64_t length) override {
@@ -269,7 +273,13 @@ class PosixFile final : public File {
   bool blockdev_;
   uint32_t align_;
   AsyncMutex rmw_mu_;
-  Status flush_failed_;  // sticky: set by the first failed sync
+  Status FlushFailed() const {
+    std::lock_guard<std::mutex> l(flush_mu_);
+    return flush_failed_;
+  }
+  // Flushes may come from any I/O thread (a raw device has no home loop).
+  mutable std::mutex flush_mu_;
+  Status flush_failed_;  // sticky: set by the first failed sync; guarded by flush_mu_
 };
 
 }  // namespace

@@ -17,6 +17,7 @@ namespace {
 
 constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
 constexpr uint64_t kDefaultRefcountCache = 1ull << 20;
+constexpr uint64_t kPoolBytes = 64ull << 20;
 
 // Resolves a backing file name relative to the image that names it, the way
 // qemu does: absolute names stay, relative ones are joined to the image's
@@ -32,7 +33,7 @@ std::string ResolveBacking(const std::string& image, const std::string& name) {
 
 Qcow2Device::Qcow2Device(std::unique_ptr<File> file, Header header, const OpenOptions& opts)
     : file_(std::move(file)), header_(std::move(header)), opts_(opts),
-      read_only_(opts.read_only || file_->read_only()), cluster_bits_(header_.cluster_bits),
+      home_(&EventLoop::Current()), read_only_(opts.read_only || file_->read_only()), cluster_bits_(header_.cluster_bits),
       cluster_size_(header_.cluster_size()) {
   l2_bits_ = cluster_bits_ - (header_.extended_l2() ? 4 : 3);
 }
@@ -112,6 +113,8 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
   };
   KVBLK_CO_ASSIGN_OR_RETURN(refcounts_, co_await Refcounts::Load(rc, file_size));
   alloc_ = std::make_unique<Allocator>(refcounts_.get(), file_.get(), cluster_bits_);
+  // Pre-allocate up to 64 MiB of clusters (at least 4, at most 1024).
+  if (!read_only_) alloc_->EnablePool(std::clamp<uint64_t>(kPoolBytes >> cluster_bits_, 4, 1024));
 
   // L2 cache: by default large enough to cover the whole disk, up to 32 MiB.
   uint64_t entries = uint64_t{1} << l2_bits_;
@@ -193,8 +196,23 @@ uint64_t Qcow2Device::L2Entry(const TableCache::Handle& h, uint64_t index) const
 }
 
 void Qcow2Device::SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value) {
-  StoreBe64(h.data() + index * header_.l2_entry_size(), value);
-  h.MarkDirty();
+  // Other threads may be reading this table (TableCache::Peek).
+  const uint64_t at = index * header_.l2_entry_size();
+  l2_cache_->Modify(h, [&](uint8_t* table) { StoreBe64(table + at, value); });
+}
+
+void Qcow2Device::IoPins::Add(const Mapping& m, uint32_t cluster_bits) {
+  if (m.type == Mapping::Type::kNormal) {
+    a_->BeginIo(m.host >> cluster_bits);
+    clusters_.push_back(m.host >> cluster_bits);
+  } else if (m.type == Mapping::Type::kCompressed) {
+    uint64_t first = m.comp_offset >> cluster_bits;
+    uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits;
+    for (uint64_t c = first; c <= last; ++c) {
+      a_->BeginIo(c);
+      clusters_.push_back(c);
+    }
+  }
 }
 
 Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) const {
@@ -241,7 +259,7 @@ Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) co
 }
 
 Task<Result<TableCache::Handle>> Qcow2Device::GetL2(uint64_t l1_index) {
-  uint64_t entry = l1_[l1_index];
+  uint64_t entry = L1Entry(l1_index);
   if (entry & kL1ReservedMask) {
     co_return co_await SignalCorruption(Status::Corruption(
         file_->path() + ": L1 entry " + std::to_string(l1_index) + " has reserved bits set"));
@@ -261,14 +279,49 @@ Task<Result<TableCache::Handle>> Qcow2Device::GetL2(uint64_t l1_index) {
   co_return co_await l2_cache_->Get(off);
 }
 
-Task<Result<Qcow2Device::Mapping>> Qcow2Device::Lookup(uint64_t gc) {
+bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
+  const uint64_t l1i = gc >> l2_bits_;
+  if (l1i >= l1_.size()) {  // l1_ is resized only under image_lock_ exclusive
+    *m = Mapping{};
+    return true;
+  }
+  const uint64_t entry = L1Entry(l1i);
+  const uint64_t off = entry & kL1OffsetMask;
+  if ((entry & kL1ReservedMask) || (off & (cluster_size_ - 1))) return false;  // home reports it
+  if (off == 0) {
+    *m = Mapping{};
+    return true;
+  }
+  const uint64_t at = (gc & ((uint64_t{1} << l2_bits_) - 1)) * header_.l2_entry_size();
+  bool valid = false;
+  bool hit = l2_cache_->Peek(off, [&](const uint8_t* table) {
+    Result<Mapping> r = Decode(LoadBe64(table + at), gc);
+    if (!r.ok()) return;
+    valid = true;
+    *m = *r;
+    if (pins) pins->Add(*m, cluster_bits_);
+  });
+  return hit && valid;
+}
+
+Task<Result<Qcow2Device::Mapping>> Qcow2Device::LookupHome(uint64_t gc, IoPins* pins) {
   uint64_t l1i = gc >> l2_bits_;
   if (l1i >= l1_.size()) co_return Mapping{};
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2(l1i));
   if (!h) co_return Mapping{};
   auto m = Decode(L2Entry(h, gc & ((uint64_t{1} << l2_bits_) - 1)), gc);
   if (!m.ok()) co_return co_await SignalCorruption(m.status());
+  // No suspension since the lookup: frees happen on this loop, so the
+  // mapping is still current when its clusters are pinned.
+  if (pins) pins->Add(*m, cluster_bits_);
   co_return *m;
+}
+
+Task<Result<Qcow2Device::Mapping>> Qcow2Device::Lookup(uint64_t gc, IoPins* pins) {
+  Mapping m;
+  if (TryLookupCached(gc, &m, pins)) co_return m;
+  if (&EventLoop::Current() == home_) co_return co_await LookupHome(gc, pins);
+  co_return co_await OnHome(LookupHome(gc, pins));
 }
 
 Task<Status> Qcow2Device::WriteL1Entry(uint64_t l1_index, uint64_t value) {
@@ -276,7 +329,7 @@ Task<Status> Qcow2Device::WriteL1Entry(uint64_t l1_index, uint64_t value) {
   StoreBe64(buf, value);
   KVBLK_CO_RETURN_IF_ERROR(
       co_await file_->Write(buf, 8, header_.l1_table_offset + l1_index * 8));
-  l1_[l1_index] = value;
+  std::atomic_ref<uint64_t>(l1_[l1_index]).store(value, std::memory_order_release);
   co_return Status::Ok();
 }
 
@@ -296,11 +349,11 @@ Task<Status> Qcow2Device::WriteL2Table(uint64_t offset, const uint8_t* table) {
 }
 
 Task<Result<TableCache::Handle>> Qcow2Device::GetL2ForWrite(uint64_t l1_index) {
-  uint64_t entry = l1_[l1_index];
+  uint64_t entry = L1Entry(l1_index);
   if ((entry & kOflagCopied) && (entry & kL1OffsetMask)) co_return co_await GetL2(l1_index);
   co_await l1_mu_.Lock();
   ExclusiveGuard g(&l1_mu_);
-  entry = l1_[l1_index];
+  entry = L1Entry(l1_index);
   if ((entry & kOflagCopied) && (entry & kL1OffsetMask)) co_return co_await GetL2(l1_index);
 
   std::vector<uint8_t> table(cluster_size_, 0);
@@ -340,7 +393,9 @@ Task<Status> Qcow2Device::FlushMetadata() {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Device::Flush() {
+Task<Status> Qcow2Device::Flush() { return OnHome(FlushOnHome()); }
+
+Task<Status> Qcow2Device::FlushOnHome() {
   if (closed_) co_return Status::InvalidArgument(file_->path() + ": device is closed");
   if (corrupted_) co_return co_await FlushCorrupted();
   if (read_only_) co_return Status::Ok();
@@ -363,7 +418,9 @@ Task<Status> Qcow2Device::FlushCorrupted() {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Device::Close() {
+Task<Status> Qcow2Device::Close() { return OnHome(CloseOnHome()); }
+
+Task<Status> Qcow2Device::CloseOnHome() {
   if (closed_) co_return Status::Ok();
   Status st;
   if (!read_only_) {
@@ -371,7 +428,8 @@ Task<Status> Qcow2Device::Close() {
     ExclusiveGuard g(&image_lock_);
     co_await flush_mu_.Lock();
     ExclusiveGuard f(&flush_mu_);
-    st = co_await FlushMetadata();
+    if (!corrupted_) st = co_await alloc_->ReleasePool();  // no leaks on a clean close
+    if (st.ok()) st = co_await FlushMetadata();
   }
   if (corrupted_ && st.ok()) st = co_await FlushCorrupted();
   if (backing_) {
@@ -438,6 +496,10 @@ Result<ImageInfo> Qcow2Device::Info() {
 }
 
 Task<Status> Qcow2Device::Preallocate(Preallocation mode) {
+  return OnHome(PreallocateOnHome(mode));
+}
+
+Task<Status> Qcow2Device::PreallocateOnHome(Preallocation mode) {
   KVBLK_CO_RETURN_IF_ERROR(CheckRequest(0, 0, true));
   const uint64_t entries = uint64_t{1} << l2_bits_;
   const uint64_t clusters = (header_.size + cluster_size_ - 1) >> cluster_bits_;
@@ -466,7 +528,7 @@ Task<Status> Qcow2Device::Preallocate(Preallocation mode) {
   uint64_t end_bytes = refcounts_->file_clusters() << cluster_bits_;
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t cur, file_->Size());
   if (cur < end_bytes) KVBLK_CO_RETURN_IF_ERROR(file_->Truncate(end_bytes));
-  co_return co_await Flush();
+  co_return co_await FlushOnHome();
 }
 
 }  // namespace qcow2

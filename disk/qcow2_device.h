@@ -3,13 +3,26 @@
 // Structure: the header and L1 table live in memory; L2 tables and refcount
 // blocks go through TableCaches; the Allocator hands out clusters.
 //
-// Concurrency (all requests run as coroutines on one event loop):
+// Concurrency. Requests may come from coroutines on any number of event
+// loops (one per I/O thread). The device has a home loop, the one it was
+// opened on; all metadata state (refcounts, allocator, cluster locks, table
+// loading and write-back, header) belongs to it. A request's fast path runs
+// on its own loop: a lookup that hits the L2 cache (TableCache::Peek, under
+// the cache's short mutex), then the data I/O on the caller's io_uring. An
+// L2 miss, an allocating write, a discard, write zeroes, flush and the rest
+// hop to the home loop (EventLoop::Enter) and back. So reads and in-place
+// overwrites scale over threads while metadata changes stay single-threaded.
 //  - image_lock_: every request holds it shared; changes of the L1 table
-//    layout (growth, snapshot copy) take it exclusive.
+//    layout (growth, snapshot copy, resize) take it exclusive.
 //  - cluster locks: an allocating write, copy on write, discard or write
 //    zeroes holds the locks of the guest clusters whose mapping it changes.
 //    Reads and in-place overwrites of clusters with COPIED set take none.
 //  - l1_mu_: allocation and copy on write of L2 tables (rare).
+//  - l1_ entries are read by fast paths with atomic loads; they change on
+//    the home loop (atomic stores) or under image_lock_ exclusive.
+//  - a host cluster a request reads or writes is pinned with the allocator
+//    (IoPins) inside the same critical section as its lookup, so a racing
+//    discard can never get it reused while the I/O is in flight.
 //
 // On-disk ordering (crash may leak, never corrupt):
 //  - a cluster's refcount is durable before an L2 table pointing to it is
@@ -25,6 +38,7 @@
 #ifndef KVBLK_DISK_QCOW2_DEVICE_H_
 #define KVBLK_DISK_QCOW2_DEVICE_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +52,7 @@
 #include "disk/refcount.h"
 #include "disk/table_cache.h"
 #include "kvblk/block_device.h"
+#include "kvblk/event_loop.h"
 #include "kvblk/image_create.h"
 
 namespace kvblk {
@@ -78,6 +93,89 @@ class Qcow2Device final : public BlockDevice {
   // Allocates every cluster (see Qcow2Preallocate).
   Task<Status> Preallocate(Preallocation mode);
 
+  // --- internal snapshots and resize (qcow2_snapshot_ops.cc, qcow2_resize.cc) ---
+  // Owned by the snapshot/resize work (issue 5); each takes image_lock_
+  // exclusive for the L1 switch only. Declarations are added here.
+  //
+  // Each runs on the device's event loop, takes image_lock_ exclusive (so no
+  // request runs meanwhile) and flush_mu_, starts by flushing metadata and
+  // leaves everything it changed durable. Ordering: new structures are
+  // written and synced, refcounts raised and synced, then one small synced
+  // header write switches to them, and only then are references dropped, so
+  // a crash at any point leaves at most leaked clusters (repaired by
+  // `qemu-img check -r leaks`). Errors: ReadOnly on a read-only image,
+  // NotFound for an unknown snapshot, InvalidArgument for a bad name or
+  // size, NotSupported where qemu refuses too, Corruption/IoError from the
+  // tables. On error the in-memory state matches what is on disk.
+
+  // Creates an internal snapshot of the active image (qcow2.rst,
+  // "Snapshots"): the L1 table is copied, every L2 table and data cluster
+  // it reaches gets one more reference, COPIED is cleared in the active
+  // tables and the new snapshot table is switched in. The ID is the
+  // largest numeric ID + 1. `date_sec`/`date_nsec` 0/0 means now. Refused:
+  // an empty, over-long or duplicate `name` (InvalidArgument "... a
+  // snapshot named 'x' already exists"), a refcount that would exceed the
+  // image's refcount width (NotSupported), more than 65536 snapshots.
+  Task<Status> CreateSnapshot(const std::string& name, uint64_t vm_state_size = 0,
+                              uint64_t date_sec = 0, uint32_t date_nsec = 0,
+                              uint64_t vm_clock_nsec = 0);
+  // The snapshots, in table order (as Info() reports them).
+  std::vector<SnapshotInfo> ListSnapshots() const;
+  // Reverts the active image to snapshot `name_or_id` (ID first, then
+  // name, like qemu-img snapshot -a): a new active L1 holding the
+  // snapshot's entries and sized for its disk size is switched in together
+  // with the disk size; then the old active tree loses its references.
+  Task<Status> ApplySnapshot(const std::string& name_or_id);
+  // Deletes snapshot `name_or_id` (name first, then ID): the entry leaves
+  // the table, then its L1 table and everything it reaches lose one
+  // reference; clusters left only to the active image get COPIED again.
+  Task<Status> DeleteSnapshot(const std::string& name_or_id);
+  // Changes the virtual size to `new_size` (a multiple of 512, > 0).
+  // Growing may move the L1 table (new table synced, header switched, old
+  // one freed); bytes newly exposed in a partial last cluster or over a
+  // backing file read as zeros. Shrinking needs `allow_shrink`
+  // (InvalidArgument otherwise); it frees every cluster past the new end.
+  // v2 images with snapshots are refused (NotSupported), as qemu does.
+  Task<Status> Resize(uint64_t new_size, bool allow_shrink);
+
+ private:
+  // Host cluster number -> references to add or drop.
+  using RefDelta = std::map<uint64_t, uint64_t>;
+  // Adds to `refs` one reference per path from `l1` (entries as on disk):
+  // each L2 table, and each normal, preallocated-zero or compressed
+  // cluster its entries name. With `clear_copied`, COPIED bits found in the
+  // L2 tables are cleared (in the cache). Corruption for bad entries.
+  Task<Status> CountTreeRefs(const std::vector<uint64_t>& l1, bool clear_copied, RefDelta* refs);
+  // NotSupported naming `what` unless every cluster in `add` can take its
+  // extra references within the refcount width.
+  Task<Status> CheckRefcountRoom(const RefDelta& add, const std::string& what);
+  // Adds `add` to the refcounts and makes them durable.
+  Task<Status> RaiseRefcounts(const RefDelta& add);
+  // Drops `drop` (after the tables that held the references are durable);
+  // L2 tables that become free leave the cache.
+  Task<Status> DropRefcounts(const RefDelta& drop);
+  // Sets COPIED in the active L1/L2 tables exactly where the refcount
+  // minus `pending` is 1, writes the changed tables and syncs.
+  Task<Status> UpdateCopiedFlags(const RefDelta& pending);
+  // Reads an L1 table of `entries` entries at `offset`.
+  Task<Result<std::vector<uint64_t>>> ReadL1(uint64_t offset, uint32_t entries);
+  // Allocates clusters for `l1`, writes it (zero padded) and syncs it with
+  // the refcounts. Returns its offset (0 for an empty table).
+  Task<Result<uint64_t>> WriteNewL1(const std::vector<uint64_t>& l1);
+  // Writes `snaps` as a new snapshot table (synced), switches the header to
+  // it (nb_snapshots, snapshots_offset) and frees the old table.
+  Task<Status> SwitchSnapshotTable(std::vector<Snapshot> snaps);
+  // Switches size, l1_size and l1_table_offset in one synced header write.
+  Task<Status> SwitchL1(uint64_t size, const std::vector<uint64_t>& l1, uint64_t l1_offset);
+  // L1 entries needed for `size` bytes.
+  uint64_t L1EntriesFor(uint64_t size) const;
+  // Resize with the locks held; `zero_from`/`zero_to` receive the guest
+  // range to zero once the locks are released (growth only).
+  Task<Status> ResizeLocked(uint64_t new_size, uint64_t* zero_from, uint64_t* zero_to);
+  Task<Status> ShrinkLocked(uint64_t new_size);
+
+ public:
+
   const Header& header() const { return header_; }
   TableCache& l2_cache() { return *l2_cache_; }
   Refcounts& refcounts() { return *refcounts_; }
@@ -93,9 +191,47 @@ class Qcow2Device final : public BlockDevice {
     uint64_t comp_length = 0;
   };
 
+  // Host clusters with data I/O in flight for one request (see Allocator::
+  // BeginIo); released when it goes out of scope.
+  class IoPins {
+   public:
+    explicit IoPins(Allocator* a) : a_(a) {}
+    ~IoPins() {
+      for (uint64_t c : clusters_) a_->EndIo(c);
+    }
+    IoPins(const IoPins&) = delete;
+    IoPins& operator=(const IoPins&) = delete;
+    // Pins the host clusters that mapping `m` reads from.
+    void Add(const Mapping& m, uint32_t cluster_bits);
+
+   private:
+    Allocator* a_;
+    std::vector<uint64_t> clusters_;
+  };
+
   Qcow2Device(std::unique_ptr<File> file, Header header, const OpenOptions& opts);
   Task<Status> Load(uint64_t file_size, int depth);
+  // Checks a request against the device state. Callers hold image_lock_
+  // shared, so that the size cannot change under them.
   Status CheckRequest(uint64_t offset, uint64_t length, bool write) const;
+
+  // Runs `t` on the home loop and resumes the caller on its own loop.
+  template <typename T>
+  Task<T> OnHome(Task<T> t) {
+    EventLoop* origin = &EventLoop::Current();
+    co_await home_->Enter();
+    T r = co_await std::move(t);
+    co_await origin->Enter();
+    co_return r;
+  }
+  // The public operations that run wholly on the home loop.
+  Task<Status> FlushOnHome();
+  Task<Status> CloseOnHome();
+  Task<Status> DiscardOnHome(uint64_t offset, uint64_t length);
+  Task<Status> WriteZeroesOnHome(uint64_t offset, uint64_t length, bool may_unmap);
+  Task<Result<BlockStatus>> GetBlockStatusOnHome(uint64_t offset, uint64_t max_length);
+  Task<Status> WriteCompressedOnHome(uint64_t offset, const void* buf, size_t len);
+  Task<Status> PreallocateOnHome(Preallocation mode);
 
   // --- metadata (qcow2_device.cc) ---
   // The L2 table for `l1_index`; an empty handle when the L1 entry is 0.
@@ -108,8 +244,18 @@ class Qcow2Device final : public BlockDevice {
   Result<Mapping> Decode(uint64_t entry, uint64_t guest_cluster) const;
   uint64_t L2Entry(const TableCache::Handle& h, uint64_t index) const;
   void SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value);
-  // Mapping of guest cluster `gc`.
-  Task<Result<Mapping>> Lookup(uint64_t gc);
+  // Any thread: the mapping of guest cluster `gc` if its L2 table is cached
+  // (pinning its host clusters into `pins` when not null); false on a miss
+  // or an entry that needs the home loop's attention (it may be corrupt).
+  bool TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const;
+  // Any thread: the mapping of `gc`, from the cache or via the home loop.
+  Task<Result<Mapping>> Lookup(uint64_t gc, IoPins* pins);
+  // Home loop: the mapping of `gc`, loading its L2 table on a miss.
+  Task<Result<Mapping>> LookupHome(uint64_t gc, IoPins* pins);
+  uint64_t L1Entry(uint64_t l1_index) const {
+    return std::atomic_ref<uint64_t>(const_cast<uint64_t&>(l1_[l1_index]))
+        .load(std::memory_order_acquire);
+  }
   // Flushes L2 tables and syncs, then applies the frees that were pending
   // before it started.
   Task<Status> FlushMetadata();
@@ -124,7 +270,7 @@ class Qcow2Device final : public BlockDevice {
 
   // --- data path (qcow2_io.cc) ---
   // Reads guest bytes [pos, pos + total(iov)) that all lie in one guest
-  // cluster mapped by `m`.
+  // cluster mapped by `m`. The caller has pinned m's host clusters.
   Task<Status> ReadMapped(const Mapping& m, uint64_t pos, const std::vector<iovec>& iov);
   Task<Status> ReadBacking(uint64_t pos, const std::vector<iovec>& iov);
   Task<Status> ReadCompressed(const Mapping& m, uint64_t pos, const std::vector<iovec>& iov);
@@ -146,9 +292,10 @@ class Qcow2Device final : public BlockDevice {
   std::unique_ptr<File> file_;
   Header header_;
   OpenOptions opts_;
-  bool read_only_;
-  bool closed_ = false;
-  bool corrupted_ = false;  // corruption found while open: writes disabled
+  EventLoop* home_;  // the loop the device was opened on
+  std::atomic<bool> read_only_;
+  std::atomic<bool> closed_ = false;
+  std::atomic<bool> corrupted_ = false;  // corruption found while open: writes disabled
   uint32_t cluster_bits_;
   uint64_t cluster_size_;
   uint32_t l2_bits_;  // log2(entries per L2 table)

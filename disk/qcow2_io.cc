@@ -22,30 +22,6 @@ iovec ZeroIovec(size_t len) {
   return {const_cast<uint8_t*>(ZeroBuffer().data()), len};
 }
 
-// Keeps host clusters registered as "I/O in flight" with the allocator, so
-// that they are not handed out again while a request still uses a mapping it
-// looked up. Take it right after the lookup, before the request can suspend
-// again: a racing discard plus flush could free the cluster meanwhile.
-class IoPin {
- public:
-  IoPin(Allocator* a, uint64_t first_cluster, uint64_t count)
-      : a_(a), first_(first_cluster), count_(count) {
-    for (uint64_t i = 0; i < count_; ++i) a_->BeginIo(first_ + i);
-  }
-  ~IoPin() {
-    for (uint64_t i = 0; i < count_; ++i) a_->EndIo(first_ + i);
-  }
-  // Pins the next cluster after the pinned range as well.
-  void Extend() { a_->BeginIo(first_ + count_++); }
-  IoPin(const IoPin&) = delete;
-  IoPin& operator=(const IoPin&) = delete;
-
- private:
-  Allocator* a_;
-  uint64_t first_;
-  uint64_t count_;
-};
-
 }  // namespace
 
 // --- reads ----------------------------------------------------------------
@@ -69,9 +45,6 @@ Task<Status> Qcow2Device::ReadBacking(uint64_t pos, const std::vector<iovec>& io
 
 Task<Status> Qcow2Device::ReadCompressed(const Mapping& m, uint64_t pos,
                                          const std::vector<iovec>& iov) {
-  uint64_t first = m.comp_offset >> cluster_bits_;
-  uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits_;
-  IoPin pin(alloc_.get(), first, last - first + 1);
   std::vector<uint8_t> in(m.comp_length);
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Read(in.data(), in.size(), m.comp_offset));
   std::vector<uint8_t> out(cluster_size_);
@@ -94,20 +67,18 @@ Task<Status> Qcow2Device::ReadMapped(const Mapping& m, uint64_t pos,
       co_return Status::Ok();
     case Mapping::Type::kCompressed:
       co_return co_await ReadCompressed(m, pos, iov);
-    case Mapping::Type::kNormal: {
-      IoPin pin(alloc_.get(), m.host >> cluster_bits_, 1);
+    case Mapping::Type::kNormal:
       co_return co_await file_->ReadV(iov.data(), static_cast<int>(iov.size()),
                                       m.host + (pos & (cluster_size_ - 1)));
-    }
   }
   co_return Status::Ok();
 }
 
 Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
   const size_t len = IovTotal(iov, iovcnt);
-  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, false));
   co_await image_lock_.LockShared();
   SharedGuard g(&image_lock_);
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, false));
   const std::vector<iovec> all(iov, iov + iovcnt);
   const uint64_t end = offset + len;
   uint64_t pos = offset;
@@ -115,27 +86,27 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
   while (pos < end) {
     uint64_t gc = pos >> cluster_bits_;
     size_t n = static_cast<size_t>(std::min(cluster_size_ - (pos & (cluster_size_ - 1)), end - pos));
-    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+    IoPins pins(alloc_.get());
+    Mapping m;
+    if (!TryLookupCached(gc, &m, &pins)) {
+      KVBLK_CO_ASSIGN_OR_RETURN(m, co_await Lookup(gc, &pins));
+    }
     uint64_t k = 1;
-    IoPin pin(alloc_.get(), m.host >> cluster_bits_, m.type == Mapping::Type::kNormal ? 1 : 0);
     if (m.type == Mapping::Type::kNormal) {
       // Merge clusters that are contiguous on the host into one read.
+      // Only cached tables are merged over (pinning what is looked at); a
+      // miss ends the run and the next round loads the table.
       while (pos + n < end) {
-        KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+        Mapping next;
+        if (!TryLookupCached(gc + k, &next, &pins)) break;
         if (next.type != Mapping::Type::kNormal || next.host != m.host + k * cluster_size_) break;
-        pin.Extend();
         n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
         ++k;
       }
     }
     part.clear();
     SliceIov(all, pos - offset, n, &part);
-    if (m.type == Mapping::Type::kNormal && k > 1) {
-      KVBLK_CO_RETURN_IF_ERROR(co_await file_->ReadV(part.data(), static_cast<int>(part.size()),
-                                                     m.host + (pos & (cluster_size_ - 1))));
-    } else {
-      KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, pos, part));
-    }
+    KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, pos, part));
     pos += n;
   }
   co_return Status::Ok();
@@ -168,10 +139,12 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
   uint64_t k = ((pos + len - 1) >> cluster_bits_) - gc0 + 1;
   ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc0, k);
   // Someone may have allocated while we waited: look again.
+  IoPins pins(alloc_.get());  // the old clusters copy-on-write reads from
   std::vector<Mapping> old;
   for (uint64_t i = 0; i < k; ++i) {
-    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc0 + i));
+    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc0 + i, nullptr));
     if (m.type == Mapping::Type::kNormal && m.copied) break;
+    pins.Add(m, cluster_bits_);
     old.push_back(m);
   }
   if (old.empty()) co_return size_t{0};
@@ -225,23 +198,28 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
 Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>& data) {
   const size_t len = IovTotal(data);
   const uint64_t end = offset + len;
+  const uint64_t mask = (uint64_t{1} << l2_bits_) - 1;
   uint64_t pos = offset;
   std::vector<iovec> part;
   while (pos < end) {
     uint64_t gc = pos >> cluster_bits_;
     size_t n = static_cast<size_t>(std::min(cluster_size_ - (pos & (cluster_size_ - 1)), end - pos));
-    KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+    IoPins pins(alloc_.get());
+    Mapping m;
+    if (!TryLookupCached(gc, &m, &pins)) {
+      KVBLK_CO_ASSIGN_OR_RETURN(m, co_await Lookup(gc, &pins));
+    }
     uint64_t k = 1;
     if (m.type == Mapping::Type::kNormal && m.copied) {
-      // In place: no cluster lock, merged over host-contiguous clusters.
-      IoPin pin(alloc_.get(), m.host >> cluster_bits_, 1);
+      // In place: no cluster lock, merged over host-contiguous clusters
+      // whose tables are cached.
       while (pos + n < end) {
-        KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+        Mapping next;
+        if (!TryLookupCached(gc + k, &next, &pins)) break;
         if (next.type != Mapping::Type::kNormal || !next.copied ||
             next.host != m.host + k * cluster_size_) {
           break;
         }
-        pin.Extend();
         n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
         ++k;
       }
@@ -254,16 +232,21 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
     }
     // Gather following clusters of the same L2 table that also need
     // allocation, so they can share one host run and one write.
-    const uint64_t mask = (uint64_t{1} << l2_bits_) - 1;
     while (pos + n < end && ((gc + k) & mask) != 0 && k < 256) {
-      KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+      Mapping next;
+      if (!TryLookupCached(gc + k, &next, nullptr)) break;
       if (next.type == Mapping::Type::kNormal && next.copied) break;
       n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
       ++k;
     }
     part.clear();
     SliceIov(data, pos - offset, n, &part);
-    KVBLK_CO_ASSIGN_OR_RETURN(size_t done, co_await AllocatingWrite(pos, n, part));
+    size_t done;
+    if (&EventLoop::Current() == home_) {
+      KVBLK_CO_ASSIGN_OR_RETURN(done, co_await AllocatingWrite(pos, n, part));
+    } else {
+      KVBLK_CO_ASSIGN_OR_RETURN(done, co_await OnHome(AllocatingWrite(pos, n, part)));
+    }
     pos += done;  // 0: the cluster became writable in place; go round again
   }
   co_return Status::Ok();
@@ -271,10 +254,10 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
 
 Task<Status> Qcow2Device::Write(uint64_t offset, const iovec* iov, int iovcnt) {
   const size_t len = IovTotal(iov, iovcnt);
-  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, true));
-  if (len == 0) co_return Status::Ok();
   co_await image_lock_.LockShared();
   SharedGuard g(&image_lock_);
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, true));
+  if (len == 0) co_return Status::Ok();
   co_return co_await WriteLocked(offset, std::vector<iovec>(iov, iov + iovcnt));
 }
 
@@ -284,7 +267,7 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
                                                bool* done) {
   *done = true;
   ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
-  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc, nullptr));
   const bool v3 = header_.version >= 3;
   // What an unallocated cluster means on disk depends on the image having a
   // backing file, whether or not this open follows it.
@@ -321,13 +304,17 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
 }
 
 Task<Status> Qcow2Device::Discard(uint64_t offset, uint64_t length) {
-  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
-  // A v2 image has no zero flag: unmapping a cluster would expose the
-  // backing file's (stale) data. Discards are advisory, so do nothing.
-  if (header_.version < 3 && !header_.backing_file.empty()) co_return Status::Ok();
+  return OnHome(DiscardOnHome(offset, length));
+}
+
+Task<Status> Qcow2Device::DiscardOnHome(uint64_t offset, uint64_t length) {
   {
     co_await image_lock_.LockShared();
     SharedGuard g(&image_lock_);
+    KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
+    // A v2 image has no zero flag: unmapping a cluster would expose the
+    // backing file's (stale) data. Discards are advisory, so do nothing.
+    if (header_.version < 3 && !header_.backing_file.empty()) co_return Status::Ok();
     uint64_t end = offset + length;
     uint64_t first = (offset + cluster_size_ - 1) >> cluster_bits_;
     // The partial last cluster of the disk counts as whole.
@@ -348,9 +335,13 @@ Task<Status> Qcow2Device::Discard(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> Qcow2Device::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
-  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
+  return OnHome(WriteZeroesOnHome(offset, length, may_unmap));
+}
+
+Task<Status> Qcow2Device::WriteZeroesOnHome(uint64_t offset, uint64_t length, bool may_unmap) {
   co_await image_lock_.LockShared();
   SharedGuard g(&image_lock_);
+  KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, length, true));
   const uint64_t end = offset + length;
   uint64_t pos = offset;
   while (pos < end) {
@@ -372,19 +363,24 @@ Task<Status> Qcow2Device::WriteZeroes(uint64_t offset, uint64_t length, bool may
 // --- block status ------------------------------------------------------------
 
 Task<Result<BlockStatus>> Qcow2Device::GetBlockStatus(uint64_t offset, uint64_t max_length) {
+  return OnHome(GetBlockStatusOnHome(offset, max_length));
+}
+
+Task<Result<BlockStatus>> Qcow2Device::GetBlockStatusOnHome(uint64_t offset,
+                                                            uint64_t max_length) {
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
   if (offset >= header_.size) {
     co_return Status::InvalidArgument(file_->path() + ": offset " + std::to_string(offset) +
                                       " is past the end of the disk");
   }
-  co_await image_lock_.LockShared();
-  SharedGuard g(&image_lock_);
   const uint64_t limit = offset + std::min(max_length, header_.size - offset);
   uint64_t gc = offset >> cluster_bits_;
-  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc, nullptr));
   uint64_t len = std::min(limit, (gc + 1) << cluster_bits_) - offset;
   if (m.type != Mapping::Type::kCompressed) {
     for (uint64_t k = 1; offset + len < limit; ++k) {
-      KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await Lookup(gc + k));
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await LookupHome(gc + k, nullptr));
       if (next.type != m.type) break;
       bool m_has_host = m.host != 0;
       if (m_has_host != (next.host != 0)) break;
@@ -434,14 +430,18 @@ Task<Result<BlockStatus>> Qcow2Device::GetBlockStatus(uint64_t offset, uint64_t 
 // --- compressed writes -------------------------------------------------------
 
 Task<Status> Qcow2Device::WriteCompressed(uint64_t offset, const void* buf, size_t len) {
+  return OnHome(WriteCompressedOnHome(offset, buf, len));
+}
+
+Task<Status> Qcow2Device::WriteCompressedOnHome(uint64_t offset, const void* buf, size_t len) {
+  co_await image_lock_.LockShared();
+  SharedGuard g(&image_lock_);
   KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, true));
   if ((offset & (cluster_size_ - 1)) != 0 ||
       (len != cluster_size_ && offset + len != header_.size) || len > cluster_size_) {
     co_return Status::InvalidArgument(file_->path() +
                                       ": compressed writes must cover exactly one cluster");
   }
-  co_await image_lock_.LockShared();
-  SharedGuard g(&image_lock_);
   const uint64_t gc = offset >> cluster_bits_;
   std::vector<uint8_t> clear(cluster_size_, 0);
   std::memcpy(clear.data(), buf, len);
@@ -453,7 +453,7 @@ Task<Status> Qcow2Device::WriteCompressed(uint64_t offset, const void* buf, size
     co_return co_await WriteLocked(offset, v);
   }
   ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
-  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await Lookup(gc));
+  KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc, nullptr));
   if (m.type == Mapping::Type::kNormal || m.type == Mapping::Type::kCompressed) {
     co_return Status::InvalidArgument(file_->path() + ": cluster at guest offset " +
                                       std::to_string(offset) +

@@ -48,22 +48,35 @@ void TableCache::Handle::Reset() {
 }
 uint8_t* TableCache::Handle::data() const { return e_->data.get(); }
 uint64_t TableCache::Handle::offset() const { return e_->offset; }
-void TableCache::Handle::MarkDirty() { ++e_->dirty_gen; }
+void TableCache::Handle::MarkDirty() {
+  std::lock_guard<std::mutex> l(c_->mu_);
+  ++e_->dirty_gen;
+}
 
 // --- Cache ----------------------------------------------------------------
 
 void TableCache::Pin(Entry* e) {
+  std::lock_guard<std::mutex> l(mu_);
+  PinLocked(e);
+}
+
+void TableCache::Unpin(Entry* e) {
+  std::lock_guard<std::mutex> l(mu_);
+  UnpinLocked(e);
+}
+
+void TableCache::PinLocked(Entry* e) {
   if (e->pins++ == 0 && e->in_lru) {
     lru_.erase(e->lru_it);
     e->in_lru = false;
   }
 }
 
-void TableCache::Unpin(Entry* e) {
+void TableCache::UnpinLocked(Entry* e) {
   if (--e->pins > 0) return;
   if (e->dropped || !e->loaded) {
     // A failed load or a dropped table: forget it once nobody refers to it.
-    if (!e->writing) Erase(e);
+    if (!e->writing) EraseLocked(e);
     return;
   }
   lru_.push_back(e);
@@ -71,13 +84,14 @@ void TableCache::Unpin(Entry* e) {
   e->in_lru = true;
 }
 
-void TableCache::Erase(Entry* e) {
+void TableCache::EraseLocked(Entry* e) {
   if (e->in_lru) lru_.erase(e->lru_it);
+  e->in_lru = false;
   auto it = map_.find(e->offset);
   if (it != map_.end() && it->second.get() == e) map_.erase(it);
 }
 
-TableCache::Entry* TableCache::NewEntry(uint64_t offset) {
+TableCache::Entry* TableCache::NewEntryLocked(uint64_t offset) {
   auto e = std::make_unique<Entry>();
   e->offset = offset;
   e->data.reset(new uint8_t[table_size_]);
@@ -87,7 +101,23 @@ TableCache::Entry* TableCache::NewEntry(uint64_t offset) {
   return raw;
 }
 
+size_t TableCache::size() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return map_.size();
+}
+
+bool TableCache::Contains(uint64_t offset) const {
+  std::lock_guard<std::mutex> l(mu_);
+  return map_.count(offset) != 0;
+}
+
+TableCache::Stats TableCache::stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return stats_;
+}
+
 size_t TableCache::dirty_count() const {
+  std::lock_guard<std::mutex> l(mu_);
   size_t n = 0;
   for (const auto& [off, e] : map_) {
     if (e->loaded && e->dirty_gen != e->clean_gen) ++n;
@@ -96,6 +126,7 @@ size_t TableCache::dirty_count() const {
 }
 
 std::vector<uint64_t> TableCache::LruOrder() const {
+  std::lock_guard<std::mutex> l(mu_);
   std::vector<uint64_t> v;
   for (Entry* e : lru_) v.push_back(e->offset);
   return v;
@@ -108,14 +139,22 @@ Task<Status> TableCache::WriteBack(Entry* e) {
   co_await e->write_mu.Lock();
   ExclusiveGuard serial(&e->write_mu);
   Status st;
-  if (e->dirty_gen != e->clean_gen) {  // else the write we waited for covered it
-    // Snapshot the table so that concurrent changes neither tear the write
-    // nor sneak past the owner's ordering checks.
-    std::unique_ptr<uint8_t[]> copy(new uint8_t[table_size_]);
-    std::memcpy(copy.get(), e->data.get(), table_size_);
-    uint64_t gen = e->dirty_gen;
-    e->writing = true;
+  std::unique_ptr<uint8_t[]> copy;
+  uint64_t gen = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (e->dirty_gen != e->clean_gen) {  // else the write we waited for covered it
+      // Snapshot the table so that concurrent changes neither tear the write
+      // nor sneak past the owner's ordering checks.
+      copy.reset(new uint8_t[table_size_]);
+      std::memcpy(copy.get(), e->data.get(), table_size_);
+      gen = e->dirty_gen;
+      e->writing = true;
+    }
+  }
+  if (copy) {
     st = co_await writer_(e->offset, copy.get());
+    std::lock_guard<std::mutex> l(mu_);
     e->writing = false;
     if (st.ok()) {
       ++stats_.writebacks;
@@ -128,56 +167,82 @@ Task<Status> TableCache::WriteBack(Entry* e) {
 }
 
 Task<Status> TableCache::MakeRoom() {
-  while (map_.size() >= capacity_ && !lru_.empty()) {
-    Entry* victim = lru_.front();
-    if (victim->dirty_gen != victim->clean_gen) {
-      if (victim->writing) co_return Status::Ok();  // someone is on it; tolerate overshoot
-      const uint64_t off = victim->offset;
-      KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(victim));
-      // Evict it now unless someone used or changed it meanwhile.
-      auto it = map_.find(off);
-      if (it != map_.end()) {
-        Entry* e = it->second.get();
-        if (e->pins == 0 && e->dirty_gen == e->clean_gen && !e->writing) {
-          ++stats_.evictions;
-          Erase(e);
-        }
+  for (;;) {
+    Entry* victim;
+    uint64_t off;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (map_.size() < capacity_ || lru_.empty()) break;
+      victim = lru_.front();
+      if (victim->dirty_gen == victim->clean_gen) {
+        ++stats_.evictions;
+        EraseLocked(victim);
+        continue;
       }
-      continue;
+      if (victim->writing) break;  // someone is on it; tolerate overshoot
+      off = victim->offset;
     }
-    ++stats_.evictions;
-    Erase(victim);
+    KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(victim));
+    // Evict it now unless someone used or changed it meanwhile.
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = map_.find(off);
+    if (it != map_.end()) {
+      Entry* e = it->second.get();
+      if (e->pins == 0 && e->dirty_gen == e->clean_gen && !e->writing) {
+        ++stats_.evictions;
+        EraseLocked(e);
+      }
+    }
   }
   co_return Status::Ok();
 }
 
 Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
-  auto it = map_.find(offset);
-  if (it != map_.end() && !it->second->dropped) {
-    Entry* e = it->second.get();
-    Handle h(this, e);
-    if (!e->loaded) {
-      co_await e->load_done->Wait();
-      if (!e->load_status.ok()) co_return e->load_status;
+  Entry* found = nullptr;
+  bool loaded = false;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = map_.find(offset);
+    if (it != map_.end() && !it->second->dropped) {
+      found = it->second.get();
+      loaded = found->loaded;
+      if (loaded) ++stats_.hits;
     } else {
-      ++stats_.hits;
+      ++stats_.misses;
+    }
+  }
+  if (found != nullptr) {
+    Handle h(this, found);
+    if (!loaded) {
+      co_await found->load_done->Wait();
+      if (!found->load_status.ok()) co_return found->load_status;
     }
     co_return h;
   }
-  ++stats_.misses;
   KVBLK_CO_RETURN_IF_ERROR(co_await MakeRoom());
-  // MakeRoom may have suspended: someone else may have started the load.
-  it = map_.find(offset);
-  if (it != map_.end() && !it->second->dropped) co_return co_await Get(offset);
-  Entry* e = NewEntry(offset);
+  Entry* e;
+  {
+    // MakeRoom may have suspended: someone else may have started the load.
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = map_.find(offset);
+    if (it != map_.end() && !it->second->dropped) {
+      e = nullptr;
+    } else {
+      e = NewEntryLocked(offset);
+    }
+  }
+  if (e == nullptr) co_return co_await Get(offset);
   Handle h(this, e);
   Status st = co_await file_->Read(e->data.get(), table_size_, offset);
   if (st.ok() && validator_) st = validator_(offset, e->data.get());
   if (!st.ok()) {
     st = st.WithContext(name_ + " table at offset " + std::to_string(offset));
   }
-  e->load_status = st;
-  e->loaded = st.ok();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    e->load_status = st;
+    e->loaded = st.ok();
+  }
   e->load_done->Set();
   if (!st.ok()) co_return st;
   co_return h;
@@ -186,47 +251,64 @@ Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
 Task<Result<TableCache::Handle>> TableCache::Create(uint64_t offset) {
   Drop(offset);
   KVBLK_CO_RETURN_IF_ERROR(co_await MakeRoom());
-  Drop(offset);  // MakeRoom may have suspended
-  Entry* e = NewEntry(offset);
-  std::memset(e->data.get(), 0, table_size_);
-  e->loaded = true;
-  e->dirty_gen = 1;
+  Entry* e;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    DropLocked(offset);  // MakeRoom may have suspended
+    e = NewEntryLocked(offset);
+    std::memset(e->data.get(), 0, table_size_);
+    e->loaded = true;
+    e->dirty_gen = 1;
+  }
   e->load_done->Set();
   co_return Handle(this, e);
 }
 
 Task<Result<TableCache::Handle>> TableCache::Insert(uint64_t offset, const uint8_t* contents) {
   KVBLK_CO_ASSIGN_OR_RETURN(Handle h, co_await Create(offset));
-  std::memcpy(h.data(), contents, table_size_);
+  std::lock_guard<std::mutex> l(mu_);
+  std::memcpy(h.e_->data.get(), contents, table_size_);
   h.e_->clean_gen = h.e_->dirty_gen;
   co_return h;
 }
 
 Task<Status> TableCache::Flush() {
   std::vector<uint64_t> dirty;
-  for (const auto& [off, e] : map_) {
-    if (e->loaded && !e->dropped && e->dirty_gen != e->clean_gen) dirty.push_back(off);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [off, e] : map_) {
+      if (e->loaded && !e->dropped && e->dirty_gen != e->clean_gen) dirty.push_back(off);
+    }
   }
   for (uint64_t off : dirty) {
-    auto it = map_.find(off);
-    if (it == map_.end()) continue;
-    Entry* e = it->second.get();
-    if (e->dropped || e->dirty_gen == e->clean_gen) continue;
+    Entry* e;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = map_.find(off);
+      if (it == map_.end()) continue;
+      e = it->second.get();
+      if (e->dropped || e->dirty_gen == e->clean_gen) continue;
+    }
     KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(e));
   }
   co_return Status::Ok();
 }
 
 void TableCache::Drop(uint64_t offset) {
+  std::lock_guard<std::mutex> l(mu_);
+  DropLocked(offset);
+}
+
+void TableCache::DropLocked(uint64_t offset) {
   auto it = map_.find(offset);
   if (it == map_.end()) return;
   Entry* e = it->second.get();
   e->dropped = true;
   if (e->pins == 0 && !e->writing) {
-    Erase(e);
+    EraseLocked(e);
   } else {
-    // Unpin() erases it when the last holder lets go. Detach from the index
-    // now so a new table at the same offset can be created.
+    // UnpinLocked() erases it when the last holder lets go. Detach from the
+    // index now so a new table at the same offset can be created.
     std::unique_ptr<Entry> keep = std::move(it->second);
     map_.erase(it);
     orphans_.push_back(std::move(keep));

@@ -12,7 +12,11 @@
 // that copy, and changes made while the write is in flight keep the entry
 // dirty.
 //
-// Thread model: used from coroutines on one event loop at a time.
+// Thread model: the owner's home event loop (one thread) runs every
+// coroutine method and uses Handles. Peek() and Modify() may be called from
+// any thread: mu_ guards the index, the LRU list, pin counts, entry state
+// and table bytes against them, and is never held across a suspension.
+// Writes to a table that other threads may Peek() go through Modify().
 #ifndef KVBLK_DISK_TABLE_CACHE_H_
 #define KVBLK_DISK_TABLE_CACHE_H_
 
@@ -21,6 +25,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -70,6 +75,30 @@ class TableCache {
     Entry* e_ = nullptr;
   };
 
+  // Thread-safe. If the table at `offset` is cached and loaded, marks it
+  // most recently used, calls fn(const uint8_t* table) under the cache lock
+  // and returns true; otherwise returns false (the caller goes to the home
+  // loop and uses Get()). `fn` must be short and must not block.
+  template <typename Fn>
+  bool Peek(uint64_t offset, Fn&& fn) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = map_.find(offset);
+    if (it == map_.end() || !it->second->loaded || it->second->dropped) return false;
+    Entry* e = it->second.get();
+    if (e->in_lru) lru_.splice(lru_.end(), lru_, e->lru_it);
+    ++stats_.hits;
+    fn(static_cast<const uint8_t*>(e->data.get()));
+    return true;
+  }
+  // Changes the pinned table `h` by calling fn(uint8_t* table) under the
+  // cache lock, and marks it dirty. Home loop only.
+  template <typename Fn>
+  void Modify(Handle& h, Fn&& fn) {
+    std::lock_guard<std::mutex> l(mu_);
+    fn(h.e_->data.get());
+    ++h.e_->dirty_gen;
+  }
+
   // Returns the table at `offset`, reading it from disk on a miss.
   // Errors: the read's Status, or the validator's.
   Task<Result<Handle>> Get(uint64_t offset);
@@ -87,9 +116,9 @@ class TableCache {
   void set_validator(Validator v) { validator_ = std::move(v); }
   uint32_t table_size() const { return table_size_; }
   size_t capacity() const { return capacity_; }
-  size_t size() const { return map_.size(); }
+  size_t size() const;
   size_t dirty_count() const;
-  bool Contains(uint64_t offset) const { return map_.count(offset) != 0; }
+  bool Contains(uint64_t offset) const;
 
   // Statistics, for tests and benchmarks.
   struct Stats {
@@ -98,7 +127,7 @@ class TableCache {
     uint64_t evictions = 0;
     uint64_t writebacks = 0;
   };
-  const Stats& stats() const { return stats_; }
+  Stats stats() const;
   // Offsets in LRU order, least recently used first (unpinned entries only).
   std::vector<uint64_t> LruOrder() const;
 
@@ -121,12 +150,17 @@ class TableCache {
 
   void Pin(Entry* e);
   void Unpin(Entry* e);
-  Entry* NewEntry(uint64_t offset);
+  void PinLocked(Entry* e);
+  void UnpinLocked(Entry* e);
+  // Adds an entry for `offset`, not yet loaded, to the index.
+  Entry* NewEntryLocked(uint64_t offset);
+  void DropLocked(uint64_t offset);
   // Evicts unpinned entries (writing back dirty ones) until there is room.
   Task<Status> MakeRoom();
   Task<Status> WriteBack(Entry* e);
-  void Erase(Entry* e);
+  void EraseLocked(Entry* e);
 
+  mutable std::mutex mu_;
   std::string name_;
   File* file_;
   uint32_t table_size_;

@@ -2,10 +2,12 @@
 # Smoke test of the vhost-user-blk fio engine against a real back end: a short
 # fio job with data verification through build/perf/fio-vhost-user.so.
 #
-# Usage: perf/vhost_user_smoke.sh [--backend-cmd 'CMD'] [BUILD_DIR]
+# Usage: perf/vhost_user_smoke.sh [--backend-cmd 'CMD'] [--jobs N] [BUILD_DIR]
 #   CMD is run with {image} and {socket} replaced; it must serve the image as a
 #   vhost-user-blk device on that socket. Default: qemu-storage-daemon.
 #   kvblk serve:  --backend-cmd 'build/kvblk serve --socket={socket} {image}'
+#   --jobs N: N fio jobs (threads) on one connection, one virtqueue each, on
+#   separate 16M ranges (the back end must offer N queues).
 # Prints "ok - ..." / "not ok - ..." lines; exits non-zero on any failure.
 set -uo pipefail
 
@@ -13,11 +15,13 @@ backend_cmd='qemu-storage-daemon --blockdev driver=file,node-name=f,filename={im
   --blockdev driver=qcow2,node-name=q,file=f
   --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={socket},writable=on'
 build=build
+jobs=1
 while [ $# -gt 0 ]; do
   case $1 in
+    --jobs) jobs=$2; shift 2 ;;
     --backend-cmd) backend_cmd=$2; shift 2 ;;
     --backend-cmd=*) backend_cmd=${1#--backend-cmd=}; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) build=$1; shift ;;
   esac
 done
@@ -70,18 +74,21 @@ else
 fi
 
 out=$tmp/fio.json
+what="fio randrw 16M with crc32c verification through fio-vhost-user.so"
+[ "$jobs" -gt 1 ] && what="$what, $jobs jobs on $jobs queues"
 if timeout 120 fio --name=smoke --ioengine=external:"$engine" --filename="$sock" \
+     --thread --numjobs="$jobs" --num_queues="$jobs" --offset_increment=16M --group_reporting \
      --rw=randrw --bs=4k --iodepth=8 --size=16M --verify=crc32c --do_verify=1 \
      --output-format=json --output="$out" >"$tmp/fio.log" 2>&1; then
-  ok "fio randrw 16M with crc32c verification through fio-vhost-user.so"
+  ok "$what"
 else
-  not_ok "fio randrw 16M with crc32c verification: $(tail -5 "$tmp/fio.log")"
+  not_ok "$what: $(tail -5 "$tmp/fio.log")"
 fi
-if [ -s "$out" ] && python3 - "$out" <<'PY'
+if [ -s "$out" ] && python3 - "$out" "$jobs" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
 job = json.loads(text[text.index("{"):])["jobs"][0]
-ok = (job["error"] == 0 and job["write"]["io_bytes"] >= 8 << 20
+ok = (job["error"] == 0 and job["write"]["io_bytes"] >= int(sys.argv[2]) * (8 << 20)
       and job["read"]["io_bytes"] > 0)
 sys.exit(0 if ok else 1)
 PY
@@ -93,7 +100,7 @@ fi
 
 # A flush and the image left consistent once the back end has stopped.
 if timeout 60 fio --name=flush --ioengine=external:"$engine" --filename="$sock" \
-     --rw=randwrite --bs=64k --iodepth=4 --size=4M --fsync=1 >"$tmp/fio2.log" 2>&1 &&
+     --num_queues="$jobs" --rw=randwrite --bs=64k --iodepth=4 --size=4M --fsync=1 >"$tmp/fio2.log" 2>&1 &&
    grep -q 'err= 0' "$tmp/fio2.log"; then
   ok "writes with fsync=1 (VIRTIO_BLK_T_FLUSH)"
 else

@@ -51,7 +51,7 @@ std::vector<OptionSpec> ServeSpecs() {
       {'f', "format", "FMT", "image format: qcow2 or raw (default: probed from the file)"},
       {0, "read-only", "", "open the image read-only and offer VIRTIO_BLK_F_RO to the guest"},
       {0, "num-queues", "N", "number of virtqueues offered (MQ), 1..256 (default 1)"},
-      {0, "iothreads", "N", "1..64 (default 1); currently all queues share one I/O thread"},
+      {0, "iothreads", "N", "I/O threads serving the queues, 1..64 (default 1); queue i runs on thread i mod N"},
       {0, "cache", "MODE", "writeback (default: host page cache) or none (O_DIRECT)"},
       {0, "serial", "S", "GET_ID serial, <= 20 printable ASCII (default: from the image path)"},
       {0, "once", "", "exit after the first front end disconnects"},
@@ -127,9 +127,9 @@ int RunServe(const std::vector<std::string>& args) {
     so.device.num_queues = static_cast<int>(*n);
   }
   if (a.Has("iothreads")) {
-    // Accepted for forward compatibility; every queue runs on one loop.
     Result<int64_t> n = ParseInteger(a.Get("iothreads"), 1, kMaxIothreads, "--iothreads");
     if (!n.ok()) return Fail(kCmd, n.status());
+    so.iothreads = static_cast<int>(*n);
   }
   so.device.serial = a.Get("serial");
   if (a.Has("serial") && so.device.serial.empty()) return Fail(kCmd, "--serial must not be empty");

@@ -119,6 +119,14 @@ BlkDevice::BlkDevice(BlockDevice& disk, const VirtioBlkOptions& opts, std::strin
 BlkDevice::~BlkDevice() {
   if (in_flight_ > 0) Drain();
   self_.reset();
+  // A kick posted to another queue loop may have taken its reference just
+  // before the reset: let every such loop finish what it is running.
+  for (int i = 0; i < num_queues(); ++i) {
+    EventLoop& l = LoopForQueue(i);
+    bool seen = &l == loop_;
+    for (int j = 0; j < i && !seen; ++j) seen = &LoopForQueue(j) == &l;
+    if (!seen) OnQueueLoop(i, [] {});
+  }
 }
 
 // ---- Features and configuration space -------------------------------------
@@ -126,7 +134,7 @@ BlkDevice::~BlkDevice() {
 VirtioStatus BlkDevice::SetDriverFeaturesChecked(uint64_t features) {
   if (features & ~offered_features_) return VirtioError::kFeatureNotOffered;
   if (!(features & FeatureBit(vblk::kFVersion1))) return VirtioError::kLegacyDriverNotSupported;
-  driver_features_ = features;
+  driver_features_ = features;  // read by the queues' loops for requests parsed after this
   // 5.2.5 device requirement: CONFIG_WCE without FLUSH starts writethrough.
   if ((features & FeatureBit(vblk::kFConfigWce)) && !(features & FeatureBit(vblk::kFFlush))) {
     writeback_ = 0;
@@ -139,8 +147,25 @@ Status BlkDevice::SetDriverFeatures(uint64_t features) {
 }
 
 bool BlkDevice::write_through() const {
-  if (driver_features_ & FeatureBit(vblk::kFConfigWce)) return writeback_ == 0;
-  return !(driver_features_ & FeatureBit(vblk::kFFlush));
+  const uint64_t f = driver_features_;
+  if (f & FeatureBit(vblk::kFConfigWce)) return writeback_ == 0;
+  return !(f & FeatureBit(vblk::kFFlush));
+}
+
+void BlkDevice::OnQueueLoop(int index, const std::function<void()>& fn) {
+  EventLoop& target = LoopForQueue(index);
+  EventLoop& here = EventLoop::Current();
+  if (&target == &here) {
+    fn();
+    return;
+  }
+  std::atomic<bool> done = false;
+  target.PostFunction([&fn, &done, &here] {
+    fn();
+    done.store(true, std::memory_order_release);
+    here.Wake();
+  });
+  here.RunUntil([&done] { return done.load(std::memory_order_acquire); });
 }
 
 std::array<uint8_t, vblk::kConfigSize> BlkDevice::BuildConfig() const {
@@ -215,10 +240,14 @@ Status BlkDevice::SetGuestMemory(std::vector<GuestMemoryRegion> regions,
   if (!mem.ok()) return VirtioErrorToStatus(mem.error(), "virtio-blk: guest memory");
   mem_ = *mem;
   for (size_t i = 0; i < queues_.size(); ++i) {
-    Queue& q = queues_[i];
-    if (!q.vq) continue;
-    VirtioStatus st = q.vq->Remap(mem_);
-    if (!st.ok()) BreakQueue(static_cast<int>(i), st.error());
+    const int index = static_cast<int>(i);
+    std::shared_ptr<const GuestMemory> m = mem_;
+    OnQueueLoop(index, [this, index, m] {
+      Queue& q = queues_[static_cast<size_t>(index)];
+      if (!q.vq) return;
+      VirtioStatus st = q.vq->Remap(m);
+      if (!st.ok()) BreakQueue(index, st.error());
+    });
   }
   return Status::Ok();
 }
@@ -230,12 +259,18 @@ Status BlkDevice::SetQueue(int index, const VirtqueueAddress& addr) {
   if (queues_[index].enabled) {
     return Status::Busy("virtio-blk: queue " + std::to_string(index) + " is running");
   }
-  queues_[index].addr = addr;
+  OnQueueLoop(index, [&] { queues_[index].addr = addr; });
   return Status::Ok();
 }
 
 VirtioStatus BlkDevice::EnableQueueChecked(int index) {
   if (index < 0 || index >= num_queues()) return VirtioError::kInvalidQueueIndex;
+  VirtioStatus result;
+  OnQueueLoop(index, [&] { result = EnableQueueOnLoop(index); });
+  return result;
+}
+
+VirtioStatus BlkDevice::EnableQueueOnLoop(int index) {
   Queue& q = queues_[index];
   if (!q.addr || mem_ == nullptr) return VirtioError::kQueueNotReady;
   if (q.addr->size > opts_.max_queue_size) return VirtioError::kInvalidQueueSize;
@@ -260,10 +295,17 @@ Result<uint16_t> BlkDevice::StopQueue(int index) {
   if (index < 0 || index >= num_queues()) {
     return VirtioErrorToStatus(VirtioError::kInvalidQueueIndex, "virtio-blk: stop queue");
   }
-  Queue& q = queues_[index];
-  q.enabled = false;
-  if (q.vq) return q.vq->next_avail();
-  return q.addr ? q.addr->next_avail : uint16_t{0};
+  uint16_t next = 0;
+  OnQueueLoop(index, [&] {
+    Queue& q = queues_[index];
+    q.enabled = false;
+    if (q.vq) {
+      next = q.vq->next_avail();
+    } else if (q.addr) {
+      next = q.addr->next_avail;
+    }
+  });
+  return next;
 }
 
 bool BlkDevice::queue_enabled(int index) const {
@@ -271,7 +313,7 @@ bool BlkDevice::queue_enabled(int index) const {
 }
 
 bool BlkDevice::queue_broken(int index) const {
-  return index >= 0 && index < num_queues() && queues_[index].error.has_value();
+  return index >= 0 && index < num_queues() && queues_[index].broken;
 }
 
 std::optional<VirtioError> BlkDevice::queue_error(int index) const {
@@ -283,25 +325,32 @@ void BlkDevice::BreakQueue(int index, VirtioError e) {
   Queue& q = queues_[index];
   if (q.error) return;
   q.error = e;
+  q.broken = true;
   q.enabled = false;
   ReportGuestError(index, e);
-  bool was_set = needs_reset_;
-  needs_reset_ = true;
+  bool was_set = needs_reset_.exchange(true);
   if (!was_set && irq_) irq_(vblk::kConfigInterrupt);
 }
 
 void BlkDevice::ReportGuestError(int index, VirtioError e) {
-  last_guest_error_ = e;
+  {
+    std::lock_guard<std::mutex> l(error_mu_);
+    last_guest_error_ = e;
+  }
   if (guest_error_) guest_error_(index, VirtioErrorName(e));
 }
 
 void BlkDevice::Reset() {
-  for (Queue& q : queues_) {
-    ++q.generation;
-    q.vq.reset();
-    q.addr.reset();
-    q.enabled = false;
-    q.error.reset();
+  for (int i = 0; i < num_queues(); ++i) {
+    OnQueueLoop(i, [this, i] {
+      Queue& q = queues_[static_cast<size_t>(i)];
+      ++q.generation;
+      q.vq.reset();
+      q.addr.reset();
+      q.enabled = false;
+      q.error.reset();
+      q.broken = false;
+    });
   }
   driver_features_ = 0;
   writeback_ = opts_.writeback ? 1 : 0;
@@ -309,7 +358,10 @@ void BlkDevice::Reset() {
 }
 
 void BlkDevice::Drain() {
-  LoopForQueue(0).RunUntil([this] { return in_flight_ == 0; });
+  EventLoop& here = EventLoop::Current();
+  drainer_ = &here;
+  here.RunUntil([this] { return in_flight_ == 0; });
+  drainer_ = nullptr;
 }
 
 // ---- Requests ----------------------------------------------------------------
@@ -318,8 +370,9 @@ BlkLimits BlkDevice::limits() const {
   BlkLimits l;
   l.capacity_sectors = capacity_sectors();
   l.read_only = read_only_;
-  l.discard = (driver_features_ & FeatureBit(vblk::kFDiscard)) != 0;
-  l.write_zeroes = (driver_features_ & FeatureBit(vblk::kFWriteZeroes)) != 0;
+  const uint64_t f = driver_features_;
+  l.discard = (f & FeatureBit(vblk::kFDiscard)) != 0;
+  l.write_zeroes = (f & FeatureBit(vblk::kFWriteZeroes)) != 0;
   l.seg_max = opts_.seg_max;
   l.max_discard_sectors = opts_.max_discard_sectors;
   l.max_discard_seg = opts_.max_discard_seg;
@@ -457,13 +510,17 @@ Task<uint8_t> BlkDevice::Execute(BlkRequest req) {
 void BlkDevice::Complete(int index, uint64_t generation, uint16_t head, uint8_t* status_ptr,
                          uint8_t status, uint32_t used_len) {
   Queue& q = queues_[index];
-  --in_flight_;
   --q.in_flight;
   // Started before a reset or re-enable: that ring is gone.
-  if (q.generation != generation || !q.vq) return;
-  if (status_ptr != nullptr) *status_ptr = status;
-  q.vq->Push(head, status_ptr != nullptr ? used_len : 0);
-  if (q.vq->NeedsInterrupt() && irq_) irq_(index);
+  if (q.generation == generation && q.vq) {
+    if (status_ptr != nullptr) *status_ptr = status;
+    q.vq->Push(head, status_ptr != nullptr ? used_len : 0);
+    if (q.vq->NeedsInterrupt() && irq_) irq_(index);
+  }
+  // Last: once Drain() sees zero, the transport may unmap guest memory.
+  if (--in_flight_ == 0) {
+    if (EventLoop* d = drainer_.load()) d->Wake();
+  }
 }
 
 }  // namespace kvblk

@@ -13,13 +13,16 @@
 // layer into IOERR, so nothing escapes the detached coroutine.
 //
 // Threading: see virtio_blk.h; LoopForQueue() is the one place that maps a
-// queue to the loop that serves it.
+// queue to the loop that serves it, OnQueueLoop() how the control thread
+// changes a queue's state.
 #ifndef KVBLK_VIRTIO_BLK_DEVICE_H_
 #define KVBLK_VIRTIO_BLK_DEVICE_H_
 
 #include <array>
+#include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -65,6 +68,8 @@ class BlkDevice final : public VirtioBlkDevice {
     guest_error_ = std::move(cb);
   }
 
+  EventLoop& queue_loop(int index) const override { return LoopForQueue(index); }
+
   bool needs_reset() const override { return needs_reset_; }
   void Reset() override;
   size_t in_flight() const override { return in_flight_; }
@@ -78,30 +83,43 @@ class BlkDevice final : public VirtioBlkDevice {
   VirtioStatus ReadConfigChecked(uint32_t offset, void* buf, uint32_t len) const;
   VirtioStatus WriteConfigChecked(uint32_t offset, const void* buf, uint32_t len);
   VirtioStatus EnableQueueChecked(int index);
-  // What broke queue `index`, if it is broken.
+  // What broke queue `index`, if it is broken. On the queue's loop.
   std::optional<VirtioError> queue_error(int index) const;
   // The most recent guest error (request- or ring-level), if any.
-  std::optional<VirtioError> last_guest_error() const { return last_guest_error_; }
+  std::optional<VirtioError> last_guest_error() const {
+    std::lock_guard<std::mutex> l(error_mu_);
+    return last_guest_error_;
+  }
   // Whether writes must be durable before they complete (5.2.6.4: no
   // FLUSH/CONFIG_WCE negotiated, or writeback == 0 under CONFIG_WCE).
   bool write_through() const;
   BlkLimits limits() const;
 
  private:
+  // Owned by the queue's loop; `enabled` and `broken` are also read by the
+  // control thread.
   struct Queue {
     std::optional<VirtqueueAddress> addr;
     std::optional<Virtqueue> vq;
-    bool enabled = false;  // popping allowed
+    std::atomic<bool> enabled = false;  // popping allowed
     uint64_t generation = 0;
     size_t in_flight = 0;
     std::optional<VirtioError> error;  // why the queue stopped (NEEDS_RESET)
+    std::atomic<bool> broken = false;  // error.has_value()
   };
 
   BlkDevice(BlockDevice& disk, const VirtioBlkOptions& opts, std::string serial);
 
-  // The loop that serves queue `index` (one loop for every queue for now).
-  EventLoop& LoopForQueue(int /*index*/) { return *loop_; }
+  // The loop that serves queue `index`.
+  EventLoop& LoopForQueue(int index) const {
+    const auto& loops = opts_.queue_loops;
+    return loops.empty() ? *loop_ : *loops[static_cast<size_t>(index) % loops.size()];
+  }
+  // Runs `fn` on queue `index`'s loop and returns when it has run; the
+  // calling thread runs its own loop meanwhile.
+  void OnQueueLoop(int index, const std::function<void()>& fn);
 
+  VirtioStatus EnableQueueOnLoop(int index);
   std::array<uint8_t, vblk::kConfigSize> BuildConfig() const;
   void StartRequest(int index, DescriptorChain chain, const BlkLimits& limits);
   Task<uint8_t> Execute(BlkRequest req);
@@ -115,17 +133,21 @@ class BlkDevice final : public VirtioBlkDevice {
   const std::string serial_;
   const Capabilities caps_;
   const bool read_only_;
-  EventLoop* const loop_;
+  EventLoop* const loop_;  // the control thread's
   uint64_t offered_features_ = 0;
-  uint64_t driver_features_ = 0;
-  uint8_t writeback_ = 1;
-  bool needs_reset_ = false;
-  std::shared_ptr<const GuestMemory> mem_;
+  std::atomic<uint64_t> driver_features_ = 0;
+  std::atomic<uint8_t> writeback_ = 1;
+  std::atomic<bool> needs_reset_ = false;
+  std::shared_ptr<const GuestMemory> mem_;  // control thread
   std::vector<Queue> queues_;
-  size_t in_flight_ = 0;
+  std::atomic<size_t> in_flight_ = 0;
+  // Set while Drain() waits, so the completion that empties the device
+  // wakes it.
+  std::atomic<EventLoop*> drainer_ = nullptr;
   std::function<void(int)> irq_;
   std::function<void(int, const char*)> guest_error_;
-  std::optional<VirtioError> last_guest_error_;
+  mutable std::mutex error_mu_;
+  std::optional<VirtioError> last_guest_error_;  // guarded by error_mu_
   // Posted kicks hold a weak reference, so one that arrives after the device
   // is gone does nothing.
   std::shared_ptr<BlkDevice*> self_;

@@ -10,6 +10,10 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <future>
+#include <system_error>
+
+#include "disk/io_engine.h"
 
 namespace kvblk {
 
@@ -29,6 +33,7 @@ constexpr int kMaxQueues = 256;              // the vring index of SET_VRING_* f
 constexpr uint32_t kMaxMemSlotsLimit = 512;  // a generous cap (QEMU uses at most 512)
 constexpr int kMessagesPerWakeup = 64;       // then the loop gets a turn
 constexpr int kLogBudget = 50;               // rate-limited lines per connection
+constexpr int kMaxIoThreads = 64;
 
 uint64_t Bit(int b) { return uint64_t{1} << b; }
 
@@ -72,8 +77,13 @@ Result<std::unique_ptr<VhostUserServer>> VhostUserServer::Create(BlockDevice& di
       std::fprintf(stderr, "vhost-user: %s\n", line.c_str());
     };
   }
+  if (opts.iothreads < 1 || opts.iothreads > kMaxIoThreads) {
+    return Status::InvalidArgument("vhost-user: iothreads must be in 1.." +
+                                   std::to_string(kMaxIoThreads));
+  }
   std::unique_ptr<VhostUserServer> s(
       new VhostUserServer(disk, std::move(opts), EventLoop::Current()));
+  KVBLK_RETURN_IF_ERROR(s->StartIoThreads(s->opts_.iothreads));
   KVBLK_RETURN_IF_ERROR(s->CreateDevice());
   s->offered_features_ = s->device_->features() | Bit(vhost_user::kFProtocolFeatures);
   s->stop_fd_.Reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -101,7 +111,8 @@ VhostUserServer::~VhostUserServer() {
   if (connected_) Disconnect("server destroyed: closing the connection");
   poller_.reset();
   alive_.reset();
-  device_.reset();
+  device_.reset();  // needs the I/O threads still running
+  StopIoThreads();
   if (opts_.connection_fd >= 0) close(opts_.connection_fd);
   listen_fd_.Reset();
   if (socket_created_) unlink(opts_.socket_path.c_str());
@@ -111,6 +122,50 @@ uint64_t VhostUserServer::offered_protocol_features() const {
   return Bit(vhost_user::kProtocolFMq) | Bit(vhost_user::kProtocolFReplyAck) |
          Bit(vhost_user::kProtocolFConfig) | Bit(vhost_user::kProtocolFResetDevice) |
          Bit(vhost_user::kProtocolFConfigureMemSlots);
+}
+
+Status VhostUserServer::StartIoThreads(int count) {
+  for (int i = 1; i < count; ++i) {
+    std::promise<Result<EventLoop*>> ready;
+    std::future<Result<EventLoop*>> got = ready.get_future();
+    try {
+      io_threads_.emplace_back([this, &ready] {
+        // The loop (and its io_uring) is created and used on this thread.
+        std::unique_ptr<EventLoop> loop;
+        try {
+          loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
+        } catch (const std::exception& e) {
+          ready.set_value(Status(StatusCode::kIoError, std::string("vhost-user: I/O thread: ") +
+                                                           e.what()));
+          return;
+        }
+        EventLoop::SetCurrent(loop.get());
+        ready.set_value(loop.get());
+        loop->RunUntil([this] { return io_threads_stop_.load(); });
+        EventLoop::SetCurrent(nullptr);
+      });
+    } catch (const std::system_error& e) {
+      return Status(StatusCode::kIoError, std::string("vhost-user: starting an I/O thread: ") +
+                                              e.what());
+    }
+    Result<EventLoop*> loop = got.get();
+    if (!loop.ok()) return loop.status();
+    extra_loops_.push_back(*loop);
+  }
+  if (!extra_loops_.empty()) {
+    opts_.device.queue_loops.clear();
+    opts_.device.queue_loops.push_back(loop_);
+    for (EventLoop* l : extra_loops_) opts_.device.queue_loops.push_back(l);
+  }
+  return Status::Ok();
+}
+
+void VhostUserServer::StopIoThreads() {
+  io_threads_stop_ = true;
+  for (EventLoop* l : extra_loops_) l->Wake();
+  for (std::thread& t : io_threads_) t.join();
+  io_threads_.clear();
+  extra_loops_.clear();
 }
 
 Status VhostUserServer::CreateDevice() {
@@ -578,12 +633,14 @@ VuStatus VhostUserServer::HandleVringFd(Message& m) {
       (*v)->started = true;
       st = UpdateRing(q);
       // A replaced kick fd may have swallowed a notification.
-      if (was_running && (*v)->running) device_->Kick(q);
+      if (was_running && (*v)->running) device_->PostKick(q);
       return st;
     }
-    case Request::kSetVringCall:
+    case Request::kSetVringCall: {
+      std::lock_guard<std::mutex> l(call_mu_);
       (*v)->call = std::move(fd);
       return {};
+    }
     default:  // kSetVringErr
       (*v)->err = std::move(fd);
       (*v)->err_signalled = false;
@@ -682,7 +739,7 @@ VuStatus VhostUserServer::UpdateRing(int q) {
   }
   v.running = true;
   v.err_signalled = false;
-  device_->Kick(q);  // whatever the driver queued before the ring started
+  device_->PostKick(q);  // whatever the driver queued before the ring started
   return {};
 }
 
@@ -743,12 +800,24 @@ void VhostUserServer::OnKick(int q) {
   kick_pending_[q].store(false);
   if (device_ && connected_ && static_cast<size_t>(q) < vrings_.size() &&
       vrings_[static_cast<size_t>(q)].running) {
-    device_->Kick(q);
+    // On the queue's own loop (at once when that is this one).
+    if (&device_->queue_loop(q) == loop_) {
+      device_->Kick(q);
+    } else {
+      device_->PostKick(q);
+    }
   }
 }
 
 void VhostUserServer::OnInterrupt(int q) {
   if (q == vblk::kConfigInterrupt) {
+    if (&EventLoop::Current() != loop_) {  // a queue's loop: the vring state is ours
+      std::weak_ptr<VhostUserServer*> weak = alive_;
+      loop_->PostFunction([weak] {
+        if (auto s = weak.lock()) (*s)->OnInterrupt(vblk::kConfigInterrupt);
+      });
+      return;
+    }
     for (size_t i = 0; i < vrings_.size(); ++i) {
       Vring& v = vrings_[i];
       if (!device_->queue_broken(static_cast<int>(i)) || v.err_signalled) continue;
@@ -758,17 +827,24 @@ void VhostUserServer::OnInterrupt(int q) {
     }
     return;
   }
-  if (q >= 0 && static_cast<size_t>(q) < vrings_.size())
+  // vrings_ is not resized while a queue runs (rings are stopped first).
+  if (q >= 0 && static_cast<size_t>(q) < vrings_.size()) {
+    std::lock_guard<std::mutex> l(call_mu_);
     Signal(vrings_[static_cast<size_t>(q)].call);
+  }
 }
 
 // ---- Logging ---------------------------------------------------------------------
 
-void VhostUserServer::Log(const std::string& line) { opts_.log(line); }
+void VhostUserServer::Log(const std::string& line) {
+  std::lock_guard<std::mutex> l(log_mu_);
+  opts_.log(line);
+}
 
 void VhostUserServer::LogLimited(const std::string& line) {
-  if (log_budget_ <= 0) return;
-  if (--log_budget_ == 0) {
+  const int left = log_budget_.fetch_sub(1);
+  if (left <= 0) return;
+  if (left == 1) {
     Log(line + " (further messages of this connection are not logged)");
   } else {
     Log(line);

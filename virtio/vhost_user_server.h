@@ -61,8 +61,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvblk/block_device.h"
@@ -88,6 +90,10 @@ struct VhostUserServerOptions {
   VirtioBlkOptions device;
   // Return from Run() after the first connection ends.
   bool once = false;
+  // I/O threads serving the queues (1..64): queue i runs on thread
+  // i % iothreads. Thread 0 is the server's own (the one that calls Run(),
+  // which also owns the disk); the others are started by Create().
+  int iothreads = 1;
   // GET_MAX_MEM_SLOTS: how many regions ADD_MEM_REG may build up.
   uint32_t max_mem_slots = 32;
   // Receives one line per event worth telling: connections, refused
@@ -184,6 +190,9 @@ class VhostUserServer {
   void OnInterrupt(int q);
   void Log(const std::string& line);
   void LogLimited(const std::string& line);
+  // Starts iothreads - 1 threads with a loop each; fills extra_loops_.
+  Status StartIoThreads(int count);
+  void StopIoThreads();
 
   BlockDevice& disk_;
   VhostUserServerOptions opts_;
@@ -208,7 +217,16 @@ class VhostUserServer {
   vhost_user::VhostUserMemory memory_;
   std::vector<Vring> vrings_;
   std::string error_detail_;  // context for the next refusal's log line
-  int log_budget_ = 0;
+  std::atomic<int> log_budget_ = 0;  // guest errors are logged from queue loops
+  std::mutex log_mu_;
+  // Vring::call is signalled on the queue's loop and replaced by
+  // SET_VRING_CALL on the loop thread.
+  std::mutex call_mu_;
+
+  // The other I/O threads and their loops.
+  std::vector<std::thread> io_threads_;
+  std::vector<EventLoop*> extra_loops_;
+  std::atomic<bool> io_threads_stop_ = false;
 
   std::unique_ptr<std::atomic<bool>[]> kick_pending_;  // per queue; poller sets, loop clears
   int in_handler_ = 0;  // > 0 while a message or a disconnect is being handled

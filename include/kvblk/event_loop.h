@@ -53,6 +53,18 @@ class EventLoop {
   // Wakes a thread blocked in RunUntil (thread-safe).
   void Wake();
 
+  // co_await loop.Enter(): the coroutine continues on this loop's thread
+  // (at once when that is the calling thread's loop, else posted to it).
+  auto Enter() {
+    struct A {
+      EventLoop* loop;
+      bool await_ready() const noexcept { return &Current() == loop; }
+      void await_suspend(std::coroutine_handle<> h) { loop->Post(h); }
+      void await_resume() const noexcept {}
+    };
+    return A{this};
+  }
+
   // co_await loop.Yield(): lets other ready coroutines run first.
   auto Yield() {
     struct A {

@@ -17,11 +17,17 @@
 // DEVICE_NEEDS_RESET and the interrupt callback is called with
 // kConfigInterrupt); the other queues keep working.
 //
-// Threading: for now one event loop serves every queue: the loop of the
-// thread that created the device (EventLoop::Current()), whose IoEngine the
-// requests use. Every method is called on that thread, except PostKick(),
-// which is thread-safe. The device must be destroyed on that thread too; its
-// destructor waits for requests in flight.
+// Threading: the thread that creates the device is its control thread: every
+// method is called there, except PostKick() (thread-safe) and Kick() (on the
+// queue's loop). Each queue is served by one event loop: by default the
+// control thread's (EventLoop::Current() at creation), or the loops listed
+// in VirtioBlkOptions::queue_loops (queue i on queue_loops[i % n]), each run
+// by its own I/O thread. A queue's ring, its requests and their completions
+// live on its loop; control methods that change a queue run there (posted,
+// with the control thread running its own loop until they are done). The
+// interrupt and guest-error callbacks are called on the queue's loop. The
+// device must be destroyed on the control thread once the other loops have
+// stopped; its destructor waits for requests in flight.
 #ifndef KVBLK_VIRTIO_BLK_H_
 #define KVBLK_VIRTIO_BLK_H_
 
@@ -35,6 +41,8 @@
 #include "kvblk/status.h"
 
 namespace kvblk {
+
+class EventLoop;
 
 namespace vblk {
 
@@ -147,6 +155,9 @@ struct VirtioBlkOptions {
   uint32_t max_discard_seg = 16;
   uint32_t max_write_zeroes_sectors = 1u << 22;
   uint32_t max_write_zeroes_seg = 16;
+  // The loops that serve the queues (not owned; they must outlive the
+  // device). Empty: the creating thread's loop serves every queue.
+  std::vector<EventLoop*> queue_loops;
 };
 
 class VirtioBlkDevice {
@@ -194,16 +205,19 @@ class VirtioBlkDevice {
   virtual bool queue_broken(int index) const = 0;
 
   // The driver notified queue `index`: processes every available chain.
-  // Loop thread only. Unknown or stopped queues are ignored.
+  // On the queue's loop only. Unknown or stopped queues are ignored.
   virtual void Kick(int index) = 0;
-  // Thread-safe Kick(): runs it on the device's loop.
+  // Thread-safe Kick(): runs it on the queue's loop.
   virtual void PostKick(int index) = 0;
+  // The loop that serves queue `index`.
+  virtual EventLoop& queue_loop(int index) const = 0;
 
-  // Called on the loop thread with a queue index when that queue's used ring
-  // needs an interrupt, or with vblk::kConfigInterrupt.
+  // Called on the queue's loop with a queue index when that queue's used
+  // ring needs an interrupt, or with vblk::kConfigInterrupt (when a ring
+  // broke; on the loop of the queue that broke).
   virtual void SetInterruptCallback(std::function<void(int queue)> cb) = 0;
 
-  // Called on the loop thread with the queue and the name of the rule a
+  // Called on the queue's loop with the queue and the name of the rule a
   // guest broke ("SectorPastEnd", "DescriptorLoop", ...) for every rejected
   // request and broken ring; for logging. Keep it cheap.
   virtual void SetGuestErrorCallback(std::function<void(int queue, const char* error)> cb) = 0;
@@ -218,8 +232,8 @@ class VirtioBlkDevice {
 
   // Requests started and not yet completed (all queues).
   virtual size_t in_flight() const = 0;
-  // Runs the device's loop until no request is in flight. Loop thread only,
-  // never from inside a coroutine.
+  // Runs the control thread's loop until no request is in flight on any
+  // queue. Control thread only, never from inside a coroutine.
   virtual void Drain() = 0;
 
   virtual const std::string& serial() const = 0;

@@ -125,7 +125,8 @@ start_backend() {
       ;;
     kvblk)
       # shellcheck disable=SC2086
-      "$KVBLK" serve -f qcow2 --once --num-queues "$(queues_for "$d")" ${KVBLK_SERVE_ARGS:-} \
+      "$KVBLK" serve -f qcow2 --once --num-queues "$(queues_for "$d")" \
+        --iothreads "$(queues_for "$d")" ${KVBLK_SERVE_ARGS:-} \
         --socket "$sock" "$img" >"$log" 2>&1 &
       ;;
   esac

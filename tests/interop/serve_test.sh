@@ -206,7 +206,7 @@ for opt in --socket --format --read-only --num-queues --iothreads --cache --seri
   grep -q -- "$opt" help.txt || missing="$missing $opt"
 done
 cp help.txt "$T/.evidence"
-if [ "$rc" -eq 0 ] && [ -z "$missing" ] && grep -q "share one I/O thread" help.txt; then
+if [ "$rc" -eq 0 ] && [ -z "$missing" ] && grep -q "queue i runs on thread i mod N" help.txt; then
   pass "serve --help explains every option"
 else
   echo "missing:$missing" >>"$T/.evidence"

@@ -32,6 +32,7 @@ CLI     := $(BUILD)/kvblk
 UNIT    := $(BUILD)/tests/unit_tests
 
 .PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick demo guest stress
+.PHONY: fuzz fuzz-build
 
 all: $(CLI) $(LIB_A) $(LIB_SO)
 
@@ -42,7 +43,9 @@ help:
 	@echo "make test       deps + build + unit tests + interop tests against qemu-img/qemu-io + guest"
 	@echo "make asan|tsan  the same tests on an AddressSanitizer/ThreadSanitizer build"
 	@echo "make install    install into \$$DESTDIR\$$PREFIX (default /usr/local)"
-	@echo "make stress     long runs: 10,000 power-cut states (seed random unless KVBLK_CRASH_SEED)"
+	@echo "make stress     long runs: 10,000 power-cut states (seed random unless KVBLK_CRASH_SEED),"
+	@echo "                100 SIGKILLs of kvblk serve under fio (KVBLK_KILL_ROUNDS, KVBLK_KILL_SEED)"
+	@echo "make fuzz       libFuzzer+ASan+UBSan targets in build-fuzz/, FUZZ_SECONDS (300) each"
 	@echo "make perf       build the fio engines (build/perf/fio-kvblk.so, fio-vhost-user.so)"
 	@echo "make bench      full fio matrix: raw vs kvblk vs qemu-storage-daemon (perf/results/)"
 	@echo "make bench-quick  a reduced matrix in a few minutes"
@@ -87,9 +90,11 @@ demo: deps
 guest: all
 	@tests/guest/guest_test.sh $(BUILD)
 
-stress: $(UNIT)
+stress: $(UNIT) all
 	KVBLK_CRASH_STATES=$${KVBLK_CRASH_STATES:-10000} KVBLK_CRASH_SEED=$${KVBLK_CRASH_SEED:-random} \
 	  $(UNIT) --gtest_filter='Workloads/CrashSim.*'
+	KVBLK_KILL_ROUNDS=$${KVBLK_KILL_ROUNDS:-100} tests/interop/kill_test.sh $(BUILD)
+	KVBLK_STRESS_OPS=$${KVBLK_STRESS_OPS:-2000000} $(UNIT) --gtest_filter='ConcurrencyStress.*'
 
 asan:
 	@$(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1
@@ -116,10 +121,62 @@ bench:
 bench-quick:
 	@perf/bench.sh --build $(BUILD) --quick
 
+bench-qd:
+	@perf/qd_scaling.sh --build $(BUILD)
+
 format:
 	clang-format -i $(LIB_SRCS) $(TOOL_SRCS) $(TEST_SRCS) disk/*.h virtio/*.h include/kvblk/*.h
 
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-fuzz
+
+# ---- Fuzzing: libFuzzer with ASan+UBSan, clang, its own tree (build-fuzz/) ----
+# The library is compiled with the sanitizers and fuzzer coverage
+# (-fsanitize=fuzzer-no-link); only the fuzz targets link libFuzzer's main.
+# `make fuzz` runs each target for FUZZ_SECONDS on a corpus in
+# build-fuzz/corpus/<target>, seeded by tests/fuzz/make_seeds.sh; findings
+# land in build-fuzz/findings/. tests/interop/fuzz_test.sh (in make test)
+# runs each briefly and replays tests/fuzz/regressions/<target>/.
+# -fno-sanitize=function: clang 14 cannot emit that check's prologue data for
+# coroutine bodies together with coverage ("Cannot represent a difference
+# across sections").
+FUZZ_BUILD   := build-fuzz
+FUZZ_CXX     ?= clang++
+FUZZ_SECONDS ?= 300
+FUZZ_CXXFLAGS := -std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+                 -fno-sanitize-recover=undefined -fno-sanitize=function -pthread -Iinclude -I. -MMD -MP -Wall
+FUZZ_TARGETS := image_fuzz virtqueue_fuzz vhost_user_fuzz
+FUZZ_LIB_OBJS := $(LIB_SRCS:%.cc=$(FUZZ_BUILD)/obj/%.o) \
+                 $(FUZZ_BUILD)/obj/tests/support/virtio_fake_driver.o
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+
+$(FUZZ_BUILD)/obj/%.o: %.cc
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+# Objects are kept (not intermediate), so a rebuild compiles only what changed.
+.SECONDARY: $(FUZZ_LIB_OBJS) $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/obj/tests/fuzz/%.o) \
+            $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_util.o
+
+$(FUZZ_BINS): $(FUZZ_BUILD)/%: $(FUZZ_BUILD)/obj/tests/fuzz/%.o \
+              $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_util.o $(FUZZ_LIB_OBJS)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDLIBS)
+
+fuzz-build: $(FUZZ_BINS)
+	@tests/fuzz/make_seeds.sh $(FUZZ_BUILD)/seeds
+
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/findings/$$t; \
+	  echo "== $$t for $(FUZZ_SECONDS) s"; \
+	  $(FUZZ_BUILD)/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_BUILD)/findings/$$t/ $$(cat tests/fuzz/$$t.options 2>/dev/null) \
+	    $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/seeds/$$t 2>&1 | \
+	    grep -E '^(#[0-9]+.*DONE|stat::|==[0-9]+==ERROR|SUMMARY|artifact_prefix|Test unit written)' || true; \
+	done; \
+	if find $(FUZZ_BUILD)/findings -type f | grep -q .; then \
+	  echo "findings:"; find $(FUZZ_BUILD)/findings -type f; exit 1; fi
 
 -include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d)
+-include $(wildcard $(FUZZ_BUILD)/obj/*/*.d $(FUZZ_BUILD)/obj/tests/*/*.d)

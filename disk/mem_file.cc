@@ -35,7 +35,7 @@ Task<Status> MemFile::ReadV(const iovec* iov, int iovcnt, uint64_t offset) {
     size_t n = iov[i].iov_len;
     size_t avail = pos < b.size() ? std::min<uint64_t>(n, b.size() - pos) : 0;
     if (avail) std::memcpy(dst, b.data() + pos, avail);
-    std::memset(dst + avail, 0, n - avail);
+    if (n > avail) std::memset(dst + avail, 0, n - avail);
     pos += n;
   }
   co_return Status::Ok();
@@ -50,6 +50,7 @@ Task<Status> MemFile::WriteV(const iovec* iov, int iovcnt, uint64_t offset) {
   if (b.size() < offset + len) b.resize(offset + len);
   uint64_t pos = offset;
   for (int i = 0; i < iovcnt; ++i) {
+    if (iov[i].iov_len == 0) continue;  // iov_base may be null
     std::memcpy(b.data() + pos, iov[i].iov_base, iov[i].iov_len);
     pos += iov[i].iov_len;
   }

@@ -8,6 +8,7 @@ PKGS=(
   g++ make pkg-config
   liburing-dev libtbb-dev libgtest-dev libgmock-dev zlib1g-dev libzstd-dev
   qemu-utils
+  clang libclang-rt-14-dev  # libFuzzer and the sanitizers (make fuzz, tests/interop/fuzz_test.sh)
 )
 
 missing=()

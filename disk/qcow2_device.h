@@ -94,10 +94,7 @@ class Qcow2Device final : public BlockDevice {
   Task<Status> Preallocate(Preallocation mode);
 
   // --- internal snapshots and resize (qcow2_snapshot_ops.cc, qcow2_resize.cc) ---
-  // Owned by the snapshot/resize work (issue 5); each takes image_lock_
-  // exclusive for the L1 switch only. Declarations are added here.
-  //
-  // Each runs on the device's event loop, takes image_lock_ exclusive (so no
+  // Each runs on the device's home loop (callers on other loops hop there), takes image_lock_ exclusive (so no
   // request runs meanwhile) and flush_mu_, starts by flushing metadata and
   // leaves everything it changed durable. Ordering: new structures are
   // written and synced, refcounts raised and synced, then one small synced
@@ -139,6 +136,13 @@ class Qcow2Device final : public BlockDevice {
   Task<Status> Resize(uint64_t new_size, bool allow_shrink);
 
  private:
+  // The bodies of the above, on the home loop. Arguments by value: the
+  // caller's references may not outlive the hop.
+  Task<Status> CreateSnapshotOnHome(std::string name, uint64_t vm_state_size, uint64_t date_sec,
+                                    uint32_t date_nsec, uint64_t vm_clock_nsec);
+  Task<Status> ApplySnapshotOnHome(std::string name_or_id);
+  Task<Status> DeleteSnapshotOnHome(std::string name_or_id);
+  Task<Status> ResizeOnHome(uint64_t new_size, bool allow_shrink);
   // Host cluster number -> references to add or drop.
   using RefDelta = std::map<uint64_t, uint64_t>;
   // Adds to `refs` one reference per path from `l1` (entries as on disk):

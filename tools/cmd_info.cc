@@ -61,16 +61,28 @@ std::string FormatVmClock(uint64_t nsec) {
   return buf;
 }
 
-void PrintSnapshotTable(const std::vector<SnapshotInfo>& snapshots) {
-  std::printf("Snapshot list:\n");
-  std::printf("%-9s %-17s %7s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+}  // namespace
+
+std::string FormatSnapshotTable(const std::vector<SnapshotInfo>& snapshots) {
+  std::string out = "Snapshot list:\n";
+  char line[128];
+  std::snprintf(line, sizeof(line), "%-9s %-17s %7s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+                "VM CLOCK", "ICOUNT");
+  out += line;
   for (const SnapshotInfo& s : snapshots) {
     std::string icount = s.icount ? std::to_string(*s.icount) : "";
-    std::printf("%-9s %-17s %7s%20s%13s%11s\n", s.id.c_str(), s.name.c_str(),
-                FormatHumanSize(s.vm_state_size).c_str(), FormatDate(s.date_sec).c_str(),
-                FormatVmClock(s.vm_clock_nsec).c_str(), icount.c_str());
+    // Long IDs and names widen their column, as in qemu-img.
+    std::vector<char> buf(s.id.size() + s.name.size() + 128);
+    std::snprintf(buf.data(), buf.size(), "%-9s %-17s %7s%20s%13s%11s\n", s.id.c_str(),
+                  s.name.c_str(), FormatHumanSize(s.vm_state_size).c_str(),
+                  FormatDate(s.date_sec).c_str(), FormatVmClock(s.vm_clock_nsec).c_str(),
+                  icount.c_str());
+    out += buf.data();
   }
+  return out;
 }
+
+namespace {
 
 void PrintHuman(const ChainImage& image) {
   const ImageInfo& info = image.info;
@@ -92,7 +104,7 @@ void PrintHuman(const ChainImage& image) {
       std::printf("backing file format: %s\n", info.backing_format.c_str());
     }
   }
-  if (!info.snapshots.empty()) PrintSnapshotTable(info.snapshots);
+  if (!info.snapshots.empty()) std::fputs(FormatSnapshotTable(info.snapshots).c_str(), stdout);
   if (info.format == "qcow2") {
     std::printf("Format specific information:\n");
     std::printf("    compat: %s\n", info.compat.c_str());

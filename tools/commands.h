@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "kvblk/block_device.h"
+
 namespace kvblk::cli {
 
 int RunCreate(const std::vector<std::string>& args);
@@ -16,6 +18,12 @@ int RunIo(const std::vector<std::string>& args);
 int RunMap(const std::vector<std::string>& args);
 int RunCheck(const std::vector<std::string>& args);
 int RunServe(const std::vector<std::string>& args);
+int RunSnapshot(const std::vector<std::string>& args);
+int RunResize(const std::vector<std::string>& args);
+
+// qemu-img's "Snapshot list:" table (header and one line per snapshot, each
+// ending in a newline), shared by `info` and `snapshot -l`.
+std::string FormatSnapshotTable(const std::vector<SnapshotInfo>& snapshots);
 
 }  // namespace kvblk::cli
 

@@ -28,6 +28,8 @@ constexpr Command kCommands[] = {
     {"map", RunMap, "show which ranges of an image hold data, and where"},
     {"check", RunCheck, "check an image's metadata for errors and leaks, and repair them"},
     {"serve", RunServe, "serve an image as a vhost-user-blk device on a Unix socket"},
+    {"snapshot", RunSnapshot, "list, create, apply or delete internal snapshots of a qcow2 image"},
+    {"resize", RunResize, "change the virtual size of an image"},
 };
 
 const Command* FindCommand(std::string_view name) {

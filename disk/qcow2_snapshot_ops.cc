@@ -1,0 +1,437 @@
+// Qcow2Device: internal snapshots (docs/interop/qcow2.rst, "Snapshots" and
+// "Host cluster management") and the reference-tracking helpers they share
+// with resize (qcow2_resize.cc).
+//
+// Reference counting follows qemu and `qemu-img check`: a host cluster's
+// refcount is the number of paths that reach it, one per L1 table (active or
+// snapshot) entry naming an L2 table, and one per L2 entry of such a table
+// naming a data cluster. So an L2 table shared by two L1 tables makes each of
+// its data clusters count two references.
+//
+// Crash safety: every operation writes new structures (L1 copies, snapshot
+// tables) to freshly allocated clusters, raises refcounts and syncs before
+// one small header write switches to them; references are dropped only
+// after that write is synced. COPIED is cleared before the switch that
+// makes clusters shared, and set (where a cluster is left with one
+// reference) before the refcount drops. A power cut therefore leaves at
+// worst refcounts that are too high: leaks, which `qemu-img check -r leaks`
+// repairs completely.
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "disk/qcow2_device.h"
+
+namespace kvblk::qcow2 {
+
+// --- shared helpers ------------------------------------------------------------
+
+uint64_t Qcow2Device::L1EntriesFor(uint64_t size) const {
+  const uint64_t clusters = (size + cluster_size_ - 1) >> cluster_bits_;
+  const uint64_t per_table = uint64_t{1} << l2_bits_;
+  return (clusters + per_table - 1) / per_table;
+}
+
+Task<Status> Qcow2Device::CountTreeRefs(const std::vector<uint64_t>& l1, bool clear_copied,
+                                        RefDelta* refs) {
+  const std::string& path = file_->path();
+  const uint64_t entries = uint64_t{1} << l2_bits_;
+  for (uint64_t i = 0; i < l1.size(); ++i) {
+    const uint64_t e = l1[i];
+    if (e & kL1ReservedMask) {
+      co_return Status::Corruption(path + ": L1 entry " + std::to_string(i) +
+                                   " has reserved bits set");
+    }
+    const uint64_t off = e & kL1OffsetMask;
+    if (off == 0) continue;
+    if ((off & (cluster_size_ - 1)) != 0 || (off >> cluster_bits_) >= refcounts_->file_clusters()) {
+      co_return Status::Corruption(path + ": L2 table offset " + std::to_string(off) +
+                                   " in L1 entry " + std::to_string(i) +
+                                   " is misaligned or past the end of the file");
+    }
+    ++(*refs)[off >> cluster_bits_];
+    KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await l2_cache_->Get(off));
+    for (uint64_t j = 0; j < entries; ++j) {
+      const uint64_t entry = L2Entry(h, j);
+      if (entry == 0) continue;
+      const uint64_t gc = (i << l2_bits_) + j;
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, Decode(entry, gc));
+      if (m.type == Mapping::Type::kCompressed) {
+        const uint64_t first = m.comp_offset >> cluster_bits_;
+        const uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits_;
+        for (uint64_t c = first; c <= last; ++c) ++(*refs)[c];
+        continue;
+      }
+      if (m.host == 0) continue;
+      if ((m.host >> cluster_bits_) >= refcounts_->file_clusters()) {
+        co_return CorruptionAt(gc, "data cluster at host offset " + std::to_string(m.host) +
+                                       " (L2 table at " + std::to_string(off) +
+                                       ") lies past the end of the file");
+      }
+      ++(*refs)[m.host >> cluster_bits_];
+      if (clear_copied && (entry & kOflagCopied)) SetL2Entry(h, j, entry & ~kOflagCopied);
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::CheckRefcountRoom(const RefDelta& add, const std::string& what) {
+  const uint64_t max = MaxRefcount(refcounts_->order());
+  for (const auto& [cluster, n] : add) {
+    KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->Get(cluster));
+    if (max - rc < n) {
+      co_return Status::NotSupported(
+          file_->path() + ": cannot " + what + ": the refcount of the cluster at offset " +
+          std::to_string(cluster << cluster_bits_) + " would exceed " + std::to_string(max) +
+          ", the largest value of refcount_bits=" + std::to_string(header_.refcount_bits()));
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::RaiseRefcounts(const RefDelta& add) {
+  for (const auto& [cluster, n] : add) {
+    KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->Add(cluster, static_cast<int64_t>(n)));
+  }
+  co_return co_await refcounts_->EnsureDurable(refcounts_->seq());
+}
+
+Task<Status> Qcow2Device::DropRefcounts(const RefDelta& drop) {
+  Allocator::FreeList frees;
+  for (const auto& [cluster, n] : drop) {
+    for (uint64_t k = 0; k < n; ++k) frees.emplace_back(cluster << cluster_bits_, 1);
+  }
+  if (frees.empty()) co_return Status::Ok();
+  KVBLK_CO_RETURN_IF_ERROR(co_await alloc_->ApplyFrees(std::move(frees)));
+  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->Flush());
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
+  // Freed L2 tables must not linger in the cache: the cluster may come
+  // back as data.
+  for (const auto& [cluster, n] : drop) {
+    const uint64_t off = cluster << cluster_bits_;
+    if (!l2_cache_->Contains(off)) continue;
+    KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->Get(cluster));
+    if (rc == 0) l2_cache_->Drop(off);
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::UpdateCopiedFlags(const RefDelta& pending) {
+  auto final_rc = [&](uint64_t cluster) -> Task<Result<uint64_t>> {
+    KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->Get(cluster));
+    auto it = pending.find(cluster);
+    uint64_t p = it == pending.end() ? 0 : it->second;
+    co_return rc >= p ? rc - p : 0;
+  };
+  const uint64_t entries = uint64_t{1} << l2_bits_;
+  bool l1_dirty = false;
+  for (uint64_t i = 0; i < l1_.size(); ++i) {
+    const uint64_t e = l1_[i];
+    const uint64_t off = e & kL1OffsetMask;
+    if (off == 0) continue;
+    KVBLK_CO_ASSIGN_OR_RETURN(uint64_t table_rc, co_await final_rc(off >> cluster_bits_));
+    const bool table_owned = table_rc == 1;
+    if (table_owned != ((e & kOflagCopied) != 0)) {
+      std::atomic_ref<uint64_t>(l1_[i]).store(
+          table_owned ? (e | kOflagCopied) : (e & ~kOflagCopied), std::memory_order_release);
+      l1_dirty = true;
+    }
+    KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await l2_cache_->Get(off));
+    for (uint64_t j = 0; j < entries; ++j) {
+      const uint64_t entry = L2Entry(h, j);
+      if (entry == 0 || (entry & kOflagCompressed)) continue;
+      const uint64_t host = entry & kL2OffsetMask;
+      if (host == 0) continue;
+      KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await final_rc(host >> cluster_bits_));
+      // A table shared with a snapshot never gains COPIED entries (its
+      // clusters have two paths at least); clearing is always safe.
+      const bool want = rc == 1 && table_owned;
+      if (want != ((entry & kOflagCopied) != 0)) {
+        SetL2Entry(h, j, want ? (entry | kOflagCopied) : (entry & ~kOflagCopied));
+      }
+    }
+  }
+  KVBLK_CO_RETURN_IF_ERROR(co_await l2_cache_->Flush());
+  if (l1_dirty && !l1_.empty()) {
+    std::vector<uint8_t> raw(l1_.size() * 8);
+    for (size_t i = 0; i < l1_.size(); ++i) StoreBe64(&raw[i * 8], l1_[i]);
+    KVBLK_CO_RETURN_IF_ERROR(
+        co_await file_->Write(raw.data(), raw.size(), header_.l1_table_offset));
+  }
+  co_return co_await file_->Flush();
+}
+
+Task<Result<std::vector<uint64_t>>> Qcow2Device::ReadL1(uint64_t offset, uint32_t entries) {
+  std::vector<uint64_t> l1(entries);
+  if (entries == 0) co_return l1;
+  const uint64_t bytes = uint64_t{entries} * 8;
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  if (bytes > kMaxL1Bytes || (offset & (cluster_size_ - 1)) != 0 || offset > file_size ||
+      file_size - offset < bytes) {
+    co_return Status::Corruption(file_->path() + ": L1 table at offset " + std::to_string(offset) +
+                                 " with " + std::to_string(entries) +
+                                 " entries is misaligned, too large or past the end of the file");
+  }
+  std::vector<uint8_t> raw(bytes);
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Read(raw.data(), bytes, offset));
+  for (uint32_t i = 0; i < entries; ++i) l1[i] = LoadBe64(&raw[i * 8ull]);
+  co_return l1;
+}
+
+Task<Result<uint64_t>> Qcow2Device::WriteNewL1(const std::vector<uint64_t>& l1) {
+  if (l1.empty()) co_return uint64_t{0};
+  const uint64_t bytes = l1.size() * 8;
+  if (bytes > kMaxL1Bytes) {
+    co_return Status::NotSupported(file_->path() + ": an L1 table of " + std::to_string(l1.size()) +
+                                   " entries exceeds " + std::to_string(kMaxL1Bytes) + " bytes");
+  }
+  const uint64_t clusters = (bytes + cluster_size_ - 1) >> cluster_bits_;
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await alloc_->AllocateContiguous(clusters));
+  std::vector<uint8_t> raw(clusters << cluster_bits_, 0);
+  for (size_t i = 0; i < l1.size(); ++i) StoreBe64(&raw[i * 8], l1[i]);
+  Status st = co_await file_->Write(raw.data(), raw.size(), off);
+  if (st.ok()) st = co_await refcounts_->EnsureDurable(refcounts_->seq());
+  if (st.ok()) st = co_await file_->Flush();
+  if (!st.ok()) {
+    alloc_->DeferFree(off, clusters);  // nothing refers to it
+    co_return st;
+  }
+  co_return off;
+}
+
+Task<Status> Qcow2Device::SwitchSnapshotTable(std::vector<Snapshot> snaps) {
+  const uint64_t old_off = header_.snapshots_offset;
+  const uint64_t old_bytes = header_.nb_snapshots ? EncodeSnapshotTable(snapshots_).size() : 0;
+  std::vector<uint8_t> table = EncodeSnapshotTable(snaps);
+  if (table.size() > kMaxSnapshotTableBytes) {
+    co_return Status::NotSupported(file_->path() + ": the snapshot table would exceed " +
+                                   std::to_string(kMaxSnapshotTableBytes) + " bytes");
+  }
+  uint64_t new_off = 0;
+  uint64_t clusters = 0;
+  if (!snaps.empty()) {
+    clusters = (table.size() + cluster_size_ - 1) >> cluster_bits_;
+    KVBLK_CO_ASSIGN_OR_RETURN(new_off, co_await alloc_->AllocateContiguous(clusters));
+    table.resize(clusters << cluster_bits_, 0);
+    Status st = co_await file_->Write(table.data(), table.size(), new_off);
+    if (st.ok()) st = co_await refcounts_->EnsureDurable(refcounts_->seq());
+    if (st.ok()) st = co_await file_->Flush();
+    if (!st.ok()) {
+      alloc_->DeferFree(new_off, clusters);
+      co_return st;
+    }
+  }
+  // The switch: nb_snapshots and snapshots_offset are adjacent (bytes
+  // 60..71), one write within one sector.
+  uint8_t buf[12];
+  StoreBe32(buf, static_cast<uint32_t>(snaps.size()));
+  StoreBe64(buf + 4, new_off);
+  Status st = co_await UpdateHeaderField(60, buf, sizeof(buf));
+  if (!st.ok()) {
+    co_return st.WithContext(file_->path() +
+                             ": could not switch the header to the new snapshot "
+                             "table");
+  }
+  header_.nb_snapshots = static_cast<uint32_t>(snaps.size());
+  header_.snapshots_offset = new_off;
+  snapshots_ = std::move(snaps);
+  if (old_off != 0 && old_bytes != 0) {
+    RefDelta old;
+    const uint64_t n = (old_bytes + cluster_size_ - 1) >> cluster_bits_;
+    for (uint64_t i = 0; i < n; ++i) old[(old_off >> cluster_bits_) + i] = 1;
+    KVBLK_CO_RETURN_IF_ERROR(co_await DropRefcounts(old));
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::SwitchL1(uint64_t size, const std::vector<uint64_t>& l1,
+                                   uint64_t l1_offset) {
+  // size (24), crypt_method (32), l1_size (36), l1_table_offset (40): one
+  // 24-byte write within the first sector.
+  uint8_t buf[24];
+  StoreBe64(buf, size);
+  StoreBe32(buf + 8, header_.crypt_method);
+  StoreBe32(buf + 12, static_cast<uint32_t>(l1.size()));
+  StoreBe64(buf + 16, l1_offset);
+  Status st = co_await UpdateHeaderField(24, buf, sizeof(buf));
+  if (!st.ok()) {
+    co_return st.WithContext(file_->path() + ": could not switch the header to the L1 table at " +
+                             std::to_string(l1_offset));
+  }
+  header_.size = size;
+  header_.l1_size = static_cast<uint32_t>(l1.size());
+  header_.l1_table_offset = l1_offset;
+  l1_ = l1;
+  co_return Status::Ok();
+}
+
+// --- snapshots -----------------------------------------------------------------
+
+namespace {
+
+Status CheckWritableImage(bool closed, bool read_only, const std::string& path) {
+  if (closed) return Status::InvalidArgument(path + ": device is closed");
+  if (read_only) return Status::ReadOnly(path + ": image is read-only");
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::vector<SnapshotInfo> Qcow2Device::ListSnapshots() const {
+  std::vector<SnapshotInfo> out;
+  for (const Snapshot& s : snapshots_) out.push_back(s.info);
+  return out;
+}
+
+Task<Status> Qcow2Device::CreateSnapshot(const std::string& name, uint64_t vm_state_size,
+                                         uint64_t date_sec, uint32_t date_nsec,
+                                         uint64_t vm_clock_nsec) {
+  return OnHome(CreateSnapshotOnHome(name, vm_state_size, date_sec, date_nsec, vm_clock_nsec));
+}
+
+Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_state_size,
+                                               uint64_t date_sec, uint32_t date_nsec,
+                                               uint64_t vm_clock_nsec) {
+  const std::string& path = file_->path();
+  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, path));
+  if (name.empty()) co_return Status::InvalidArgument(path + ": the snapshot name is empty");
+  if (name.size() > kMaxSnapshotNameBytes) {
+    co_return Status::InvalidArgument(path + ": the snapshot name is longer than " +
+                                      std::to_string(kMaxSnapshotNameBytes) + " bytes");
+  }
+  co_await image_lock_.LockExclusive();
+  ExclusiveGuard g(&image_lock_);
+  co_await flush_mu_.Lock();
+  ExclusiveGuard f(&flush_mu_);
+  int dup = FindSnapshot(snapshots_, name, SnapshotLookup::kNameOnly);
+  if (dup >= 0) {
+    co_return Status::InvalidArgument(path + ": a snapshot named '" + name +
+                                      "' already exists (ID " + snapshots_[dup].info.id + ")");
+  }
+  if (snapshots_.size() >= kMaxSnapshots) {
+    co_return Status::NotSupported(path + ": the image already has " +
+                                   std::to_string(kMaxSnapshots) + " snapshots, the most allowed");
+  }
+  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+
+  // Every cluster the active tree reaches gets one more reference.
+  RefDelta refs;
+  KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(l1_, false, &refs));
+  KVBLK_CO_RETURN_IF_ERROR(co_await CheckRefcountRoom(refs, "create snapshot '" + name + "'"));
+  std::vector<uint64_t> copy(l1_.size());
+  for (size_t i = 0; i < l1_.size(); ++i) copy[i] = l1_[i] & ~kOflagCopied;
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(copy));
+  KVBLK_CO_RETURN_IF_ERROR(co_await RaiseRefcounts(refs));
+
+  // Now shared: COPIED leaves the active tables before the snapshot is
+  // visible (a write in place would otherwise change the snapshot).
+  KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(RefDelta()));
+
+  Snapshot s;
+  s.l1_table_offset = l1_off;
+  s.l1_size = static_cast<uint32_t>(l1_.size());
+  s.info.id = NextSnapshotId(snapshots_);
+  s.info.name = name;
+  if (date_sec == 0 && date_nsec == 0) {
+    timespec now{};
+    clock_gettime(CLOCK_REALTIME, &now);
+    date_sec = static_cast<uint64_t>(now.tv_sec);
+    date_nsec = static_cast<uint32_t>(now.tv_nsec);
+  }
+  s.info.date_sec = date_sec;
+  s.info.date_nsec = date_nsec;
+  s.info.vm_clock_nsec = vm_clock_nsec;
+  s.info.vm_state_size = vm_state_size;
+  s.info.disk_size = header_.size;
+  s.info.icount = 0;  // what qemu-img snapshot -c records
+  s.extra = EncodeSnapshotExtra(s.info);
+  std::vector<Snapshot> snaps = snapshots_;
+  snaps.push_back(std::move(s));
+  co_return co_await SwitchSnapshotTable(std::move(snaps));
+}
+
+Task<Status> Qcow2Device::ApplySnapshot(const std::string& name_or_id) {
+  return OnHome(ApplySnapshotOnHome(name_or_id));
+}
+
+Task<Status> Qcow2Device::ApplySnapshotOnHome(std::string name_or_id) {
+  const std::string& path = file_->path();
+  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, path));
+  co_await image_lock_.LockExclusive();
+  ExclusiveGuard g(&image_lock_);
+  co_await flush_mu_.Lock();
+  ExclusiveGuard f(&flush_mu_);
+  const int idx = FindSnapshot(snapshots_, name_or_id, SnapshotLookup::kIdThenName);
+  if (idx < 0)
+    co_return Status::NotFound(path + ": no snapshot with ID or name '" + name_or_id + "'");
+  const Snapshot sn = snapshots_[idx];
+  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+  KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1,
+                            co_await ReadL1(sn.l1_table_offset, sn.l1_size));
+  // Snapshots without the disk size in their extra data (v2) keep the
+  // current size, as qemu does.
+  const uint64_t disk_size = sn.extra.size() >= 16 ? sn.info.disk_size : header_.size;
+  if (disk_size > kMaxVirtualSize) {
+    co_return Status::Corruption(path + ": snapshot '" + sn.info.name + "' has disk size " +
+                                 std::to_string(disk_size) + ", past the limit");
+  }
+
+  // References the new active tree adds (the snapshot's tree, once more)
+  // and those the old active tree will drop, its L1 table included.
+  RefDelta add, drop;
+  KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(snap_l1, true, &add));
+  KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(l1_, false, &drop));
+  const uint64_t old_l1_clusters =
+      (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
+  if (header_.l1_size > 0) {
+    for (uint64_t i = 0; i < old_l1_clusters; ++i) {
+      ++drop[(header_.l1_table_offset >> cluster_bits_) + i];
+    }
+  }
+  KVBLK_CO_RETURN_IF_ERROR(
+      co_await CheckRefcountRoom(add, "apply snapshot '" + sn.info.name + "'"));
+  std::vector<uint64_t> new_l1 = snap_l1;
+  new_l1.resize(std::max<uint64_t>(new_l1.size(), L1EntriesFor(disk_size)), 0);
+  for (uint64_t& e : new_l1) e &= ~kOflagCopied;          // shared with the snapshot
+  KVBLK_CO_RETURN_IF_ERROR(co_await l2_cache_->Flush());  // COPIED cleared above
+  KVBLK_CO_RETURN_IF_ERROR(co_await RaiseRefcounts(add));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(new_l1));
+  KVBLK_CO_RETURN_IF_ERROR(co_await SwitchL1(disk_size, new_l1, l1_off));
+  KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(drop));
+  co_return co_await DropRefcounts(drop);
+}
+
+Task<Status> Qcow2Device::DeleteSnapshot(const std::string& name_or_id) {
+  return OnHome(DeleteSnapshotOnHome(name_or_id));
+}
+
+Task<Status> Qcow2Device::DeleteSnapshotOnHome(std::string name_or_id) {
+  const std::string& path = file_->path();
+  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, path));
+  co_await image_lock_.LockExclusive();
+  ExclusiveGuard g(&image_lock_);
+  co_await flush_mu_.Lock();
+  ExclusiveGuard f(&flush_mu_);
+  const int idx = FindSnapshot(snapshots_, name_or_id, SnapshotLookup::kNameThenId);
+  if (idx < 0)
+    co_return Status::NotFound(path + ": no snapshot with name or ID '" + name_or_id + "'");
+  const Snapshot sn = snapshots_[idx];
+  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+  KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1,
+                            co_await ReadL1(sn.l1_table_offset, sn.l1_size));
+  RefDelta drop;
+  KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(snap_l1, false, &drop));
+  if (sn.l1_size > 0) {
+    const uint64_t n = (uint64_t{sn.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
+    for (uint64_t i = 0; i < n; ++i) ++drop[(sn.l1_table_offset >> cluster_bits_) + i];
+  }
+  std::vector<Snapshot> snaps = snapshots_;
+  snaps.erase(snaps.begin() + idx);
+  KVBLK_CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(snaps)));
+  KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(drop));
+  co_return co_await DropRefcounts(drop);
+}
+
+}  // namespace kvblk::qcow2

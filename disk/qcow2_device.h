@@ -83,7 +83,11 @@ class Qcow2Device final : public BlockDevice {
   Task<Result<BlockStatus>> GetBlockStatus(uint64_t offset, uint64_t max_length) override;
   Task<Status> WriteCompressed(uint64_t offset, const void* buf, size_t len) override;
   Task<Status> Close() override;
-  uint64_t size() const override { return header_.size; }
+  // Any thread (virtio reads the capacity while a resize may run).
+  uint64_t size() const override {
+    return std::atomic_ref<uint64_t>(const_cast<uint64_t&>(header_.size))
+        .load(std::memory_order_relaxed);
+  }
   Capabilities capabilities() const override;
   Result<ImageInfo> Info() override;
 
@@ -256,6 +260,10 @@ class Qcow2Device final : public BlockDevice {
   Task<Result<Mapping>> Lookup(uint64_t gc, IoPins* pins);
   // Home loop: the mapping of `gc`, loading its L2 table on a miss.
   Task<Result<Mapping>> LookupHome(uint64_t gc, IoPins* pins);
+  // Changes the virtual size; requires image_lock_ exclusive.
+  void SetDiskSize(uint64_t size) {
+    std::atomic_ref<uint64_t>(header_.size).store(size, std::memory_order_relaxed);
+  }
   uint64_t L1Entry(uint64_t l1_index) const {
     return std::atomic_ref<uint64_t>(const_cast<uint64_t&>(l1_[l1_index]))
         .load(std::memory_order_acquire);

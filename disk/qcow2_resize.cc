@@ -91,7 +91,7 @@ Task<Status> Qcow2Device::ResizeLocked(uint64_t new_size, uint64_t* zero_from, u
     uint8_t buf[8];
     StoreBe64(buf, new_size);
     KVBLK_CO_RETURN_IF_ERROR(co_await UpdateHeaderField(24, buf, sizeof(buf)));
-    header_.size = new_size;
+    SetDiskSize(new_size);
     co_return Status::Ok();
   }
   // A larger L1 table: written and synced, switched in with the size, and

@@ -260,7 +260,7 @@ Task<Status> Qcow2Device::SwitchL1(uint64_t size, const std::vector<uint64_t>& l
     co_return st.WithContext(file_->path() + ": could not switch the header to the L1 table at " +
                              std::to_string(l1_offset));
   }
-  header_.size = size;
+  SetDiskSize(size);
   header_.l1_size = static_cast<uint32_t>(l1.size());
   header_.l1_table_offset = l1_offset;
   l1_ = l1;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <future>
 #include <map>
 #include <mutex>
@@ -136,6 +137,20 @@ class BlkDeviceThreadsTest : public ::testing::Test {
     dev_.reset();  // while the I/O threads still run their loops
   }
 
+  // Runs this thread's loop (queue 0 and posted work) until every queue in
+  // `queues` has `n` used entries, or a few seconds pass.
+  void WaitUsed(const std::vector<int>& queues, uint16_t n) {
+    for (int round = 0; round < 2000; ++round) {
+      bool all = true;
+      for (int q : queues) all = all && queues_[static_cast<size_t>(q)]->UsedIdx() == n;
+      if (all) break;
+      if (!EventLoop::Current().RunOnce()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+    dev_->Drain();
+  }
+
   std::thread::id QueueThread(int q) const {
     return q == 0 ? std::this_thread::get_id() : q == 1 ? t1_.id() : t2_.id();
   }
@@ -163,15 +178,8 @@ TEST_F(BlkDeviceThreadsTest, EachQueueRunsAndCompletesOnItsOwnThread) {
     }
   }
   for (int q = 0; q < 3; ++q) dev_->PostKick(q);
-  dev_->Drain();
   // Kicks are posted: wait until every queue has popped and finished.
-  for (int round = 0; round < 1000; ++round) {
-    bool all = true;
-    for (int q = 0; q < 3; ++q) all = all && queues_[q]->UsedIdx() == kPerQueue;
-    if (all) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    dev_->Drain();
-  }
+  WaitUsed({0, 1, 2}, kPerQueue);
   const auto writers = disk_->writers();
   for (int q = 0; q < 3; ++q) {
     auto used = queues_[q]->TakeUsed();
@@ -200,10 +208,7 @@ TEST_F(BlkDeviceThreadsTest, StopQueueFromTheControlThreadReturnsTheNextAvailInd
               PatternBytes(4096, 3), 0);
   }
   dev_->PostKick(2);
-  for (int round = 0; round < 1000 && queues_[2]->UsedIdx() != 5; ++round) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  dev_->Drain();
+  WaitUsed({2}, 5);
   auto next = dev_->StopQueue(2);
   ASSERT_TRUE(next.ok());
   EXPECT_EQ(*next, 5);

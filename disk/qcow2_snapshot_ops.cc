@@ -301,6 +301,13 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
     co_return Status::InvalidArgument(path + ": the snapshot name is longer than " +
                                       std::to_string(kMaxSnapshotNameBytes) + " bytes");
   }
+  {
+    // Sync what was written so far while guest requests still run, so the
+    // flush inside the exclusive section below has little left to do.
+    co_await flush_mu_.Lock();
+    ExclusiveGuard early(&flush_mu_);
+    KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+  }
   co_await image_lock_.LockExclusive();
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();

@@ -12,9 +12,11 @@
 #include <vector>
 
 #include "kvblk/block_device.h"
+#include "kvblk/event_loop.h"
 #include "kvblk/virtio_blk.h"
 #include "tools/cli_util.h"
 #include "tools/commands.h"
+#include "tools/control_server.h"
 #include "tools/image_options.h"
 #include "virtio/vhost_user_server.h"
 
@@ -51,10 +53,12 @@ std::vector<OptionSpec> ServeSpecs() {
       {'f', "format", "FMT", "image format: qcow2 or raw (default: probed from the file)"},
       {0, "read-only", "", "open the image read-only and offer VIRTIO_BLK_F_RO to the guest"},
       {0, "num-queues", "N", "number of virtqueues offered (MQ), 1..256 (default 1)"},
-      {0, "iothreads", "N", "I/O threads serving the queues, 1..64 (default 1); queue i runs on thread i mod N"},
+      {0, "iothreads", "N",
+       "I/O threads serving the queues, 1..64 (default 1); queue i runs on thread i mod N"},
       {0, "cache", "MODE", "writeback (default: host page cache) or none (O_DIRECT)"},
       {0, "serial", "S", "GET_ID serial, <= 20 printable ASCII (default: from the image path)"},
       {0, "once", "", "exit after the first front end disconnects"},
+      {0, "control", "PATH", "Unix socket for live commands (snapshots, resize, info, flush)"},
       HelpOption(),
   };
 }
@@ -62,7 +66,8 @@ std::vector<OptionSpec> ServeSpecs() {
 void PrintHelp() {
   std::printf(
       "usage: kvblk serve [-f FMT] [--read-only] [--num-queues N] [--iothreads N]\n"
-      "                   [--cache none|writeback] [--serial S] [--once] --socket PATH IMAGE\n"
+      "                   [--cache none|writeback] [--serial S] [--once] [--control PATH]\n"
+      "                   --socket PATH IMAGE\n"
       "\n"
       "Serves IMAGE as a vhost-user-blk device on the Unix socket PATH, one front end at a\n"
       "time (QEMU's -device vhost-user-blk-pci, cloud-hypervisor). When a front end\n"
@@ -71,6 +76,17 @@ void PrintHelp() {
       "cleanly: requests finish, the image is flushed and closed, the socket is removed.\n"
       "Either cache mode honours the guest's flushes; the guest sees a write cache it\n"
       "can switch (VIRTIO_BLK_F_CONFIG_WCE).\n"
+      "\n"
+      "With --control PATH, a second Unix socket takes one command per line while the\n"
+      "guest runs and answers each with one line, 'ok', 'ok JSON' or 'error MESSAGE':\n"
+      "  snapshot-create NAME     internal snapshot of the running disk (qcow2)\n"
+      "  snapshot-list            the snapshots, as a JSON array (qcow2)\n"
+      "  snapshot-delete NAME|ID  deletes a snapshot (qcow2)\n"
+      "  resize [+]SIZE           grows the disk (qcow2; k, M, G, T suffixes)\n"
+      "  info                     size, format and snapshot count, as JSON\n"
+      "  flush                    makes everything written so far durable\n"
+      "  help                     lists the commands\n"
+      "One control client is served at a time; lines longer than 4096 bytes are refused.\n"
       "\n"
       "QEMU example:\n"
       "  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \\\n"
@@ -137,6 +153,8 @@ int RunServe(const std::vector<std::string>& args) {
   so.device.max_queue_size = kMaxQueueSize;
   so.device.image_path = CanonicalPath(pos[0]);
   so.log = [](const std::string& line) { std::fprintf(stderr, "kvblk serve: %s\n", line.c_str()); };
+  if (a.Has("control") && a.Get("control").empty())
+    return Fail(kCmd, "--control must not be empty");
 
   Result<std::unique_ptr<BlockDevice>> disk = OpenImage(pos[0], open_opts);
   if (!disk.ok()) return Fail(kCmd, disk.status());
@@ -147,6 +165,23 @@ int RunServe(const std::vector<std::string>& args) {
     (void)closed;  // the first error is the one to report
     return Fail(kCmd, server.status());
   }
+  // The control socket; its commands hop to this thread's loop (the disk's
+  // home), which runs inside server->Run().
+  std::unique_ptr<ControlServer> control;
+  if (a.Has("control")) {
+    ControlServerOptions co;
+    co.socket_path = a.Get("control");
+    co.log = so.log;
+    Result<std::unique_ptr<ControlServer>> c =
+        ControlServer::Start(**disk, EventLoop::Current(), std::move(co));
+    if (!c.ok()) {
+      server->reset();
+      Status closed = CloseImage(std::move(*disk));
+      (void)closed;  // the first error is the one to report
+      return Fail(kCmd, c.status());
+    }
+    control = std::move(*c);
+  }
   // A front end that hands over a pipe instead of an eventfd must not kill
   // the process when it goes away.
   signal(SIGPIPE, SIG_IGN);
@@ -154,6 +189,8 @@ int RunServe(const std::vector<std::string>& args) {
   InstallSignalHandlers();
   Status st = (*server)->Run();
   g_server.store(nullptr);
+  // Before the home loop stops for good: a command in progress finishes.
+  control.reset();  // removes the control socket
   server->reset();  // removes the socket
   Status closed = CloseImage(std::move(*disk));
   if (!st.ok()) return Fail(kCmd, st);

@@ -165,6 +165,9 @@ class Qcow2Device final : public BlockDevice {
   // Sets COPIED in the active L1/L2 tables exactly where the refcount
   // minus `pending` is 1, writes the changed tables and syncs.
   Task<Status> UpdateCopiedFlags(const RefDelta& pending);
+  // Adds one reference for each cluster of the L1 table of `entries` entries
+  // at `offset` (none for an empty table).
+  void AddL1TableRefs(uint64_t offset, uint32_t entries, RefDelta* refs) const;
   // Reads an L1 table of `entries` entries at `offset`.
   Task<Result<std::vector<uint64_t>>> ReadL1(uint64_t offset, uint32_t entries);
   // Allocates clusters for `l1`, writes it (zero padded) and syncs it with

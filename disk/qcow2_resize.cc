@@ -97,10 +97,7 @@ Task<Status> Qcow2Device::ResizeLocked(uint64_t new_size, uint64_t* zero_from, u
   // A larger L1 table: written and synced, switched in with the size, and
   // only then is the old one freed.
   RefDelta old_l1;
-  if (header_.l1_size > 0) {
-    const uint64_t n = (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
-    for (uint64_t i = 0; i < n; ++i) old_l1[(header_.l1_table_offset >> cluster_bits_) + i] = 1;
-  }
+  AddL1TableRefs(header_.l1_table_offset, header_.l1_size, &old_l1);
   std::vector<uint64_t> grown = l1_;
   grown.resize(need, 0);
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await WriteNewL1(grown));
@@ -137,10 +134,7 @@ Task<Status> Qcow2Device::ShrinkLocked(uint64_t new_size) {
   if (need < l1_.size()) tail.assign(l1_.begin() + static_cast<long>(need), l1_.end());
   RefDelta drop;
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(tail, false, &drop));
-  if (header_.l1_size > 0) {
-    const uint64_t n = (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
-    for (uint64_t i = 0; i < n; ++i) ++drop[(header_.l1_table_offset >> cluster_bits_) + i];
-  }
+  AddL1TableRefs(header_.l1_table_offset, header_.l1_size, &drop);
   std::vector<uint64_t> kept(l1_.begin(),
                              l1_.begin() + static_cast<long>(std::min<uint64_t>(need, l1_.size())));
   kept.resize(need, 0);

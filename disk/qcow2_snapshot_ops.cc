@@ -359,6 +359,12 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
   co_return co_await SwitchSnapshotTable(std::move(snaps));
 }
 
+void Qcow2Device::AddL1TableRefs(uint64_t offset, uint32_t entries, RefDelta* refs) const {
+  if (entries == 0) return;
+  const uint64_t n = (uint64_t{entries} * 8 + cluster_size_ - 1) >> cluster_bits_;
+  for (uint64_t i = 0; i < n; ++i) ++(*refs)[(offset >> cluster_bits_) + i];
+}
+
 Task<Status> Qcow2Device::ApplySnapshot(const std::string& name_or_id) {
   return OnHome(ApplySnapshotOnHome(name_or_id));
 }
@@ -390,13 +396,7 @@ Task<Status> Qcow2Device::ApplySnapshotOnHome(std::string name_or_id) {
   RefDelta add, drop;
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(snap_l1, true, &add));
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(l1_, false, &drop));
-  const uint64_t old_l1_clusters =
-      (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
-  if (header_.l1_size > 0) {
-    for (uint64_t i = 0; i < old_l1_clusters; ++i) {
-      ++drop[(header_.l1_table_offset >> cluster_bits_) + i];
-    }
-  }
+  AddL1TableRefs(header_.l1_table_offset, header_.l1_size, &drop);
   KVBLK_CO_RETURN_IF_ERROR(
       co_await CheckRefcountRoom(add, "apply snapshot '" + sn.info.name + "'"));
   std::vector<uint64_t> new_l1 = snap_l1;
@@ -430,10 +430,7 @@ Task<Status> Qcow2Device::DeleteSnapshotOnHome(std::string name_or_id) {
                             co_await ReadL1(sn.l1_table_offset, sn.l1_size));
   RefDelta drop;
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(snap_l1, false, &drop));
-  if (sn.l1_size > 0) {
-    const uint64_t n = (uint64_t{sn.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
-    for (uint64_t i = 0; i < n; ++i) ++drop[(sn.l1_table_offset >> cluster_bits_) + i];
-  }
+  AddL1TableRefs(sn.l1_table_offset, sn.l1_size, &drop);
   std::vector<Snapshot> snaps = snapshots_;
   snaps.erase(snaps.begin() + idx);
   KVBLK_CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(snaps)));

@@ -63,6 +63,33 @@ std::string FormatVmClock(uint64_t nsec) {
 
 }  // namespace
 
+void WriteSnapshotsJson(const std::vector<SnapshotInfo>& snapshots, JsonWriter& json) {
+  json.BeginArray();
+  for (const SnapshotInfo& s : snapshots) {
+    json.BeginObject();
+    if (s.icount) {
+      json.Key("icount");
+      json.Uint(*s.icount);
+    }
+    json.Key("vm-clock-nsec");
+    json.Uint(s.vm_clock_nsec % 1000000000);
+    json.Key("name");
+    json.String(s.name);
+    json.Key("date-sec");
+    json.Uint(s.date_sec);
+    json.Key("date-nsec");
+    json.Uint(s.date_nsec);
+    json.Key("vm-clock-sec");
+    json.Uint(s.vm_clock_nsec / 1000000000);
+    json.Key("id");
+    json.String(s.id);
+    json.Key("vm-state-size");
+    json.Uint(s.vm_state_size);
+    json.EndObject();
+  }
+  json.EndArray();
+}
+
 std::string FormatSnapshotTable(const std::vector<SnapshotInfo>& snapshots) {
   std::string out = "Snapshot list:\n";
   char line[128];
@@ -128,30 +155,7 @@ void WriteJson(const ChainImage& image, JsonWriter& json) {
   }
   if (!info.snapshots.empty()) {
     json.Key("snapshots");
-    json.BeginArray();
-    for (const SnapshotInfo& s : info.snapshots) {
-      json.BeginObject();
-      if (s.icount) {
-        json.Key("icount");
-        json.Uint(*s.icount);
-      }
-      json.Key("vm-clock-nsec");
-      json.Uint(s.vm_clock_nsec % 1000000000);
-      json.Key("name");
-      json.String(s.name);
-      json.Key("date-sec");
-      json.Uint(s.date_sec);
-      json.Key("date-nsec");
-      json.Uint(s.date_nsec);
-      json.Key("vm-clock-sec");
-      json.Uint(s.vm_clock_nsec / 1000000000);
-      json.Key("id");
-      json.String(s.id);
-      json.Key("vm-state-size");
-      json.Uint(s.vm_state_size);
-      json.EndObject();
-    }
-    json.EndArray();
+    WriteSnapshotsJson(info.snapshots, json);
   }
   json.Key("virtual-size");
   json.Uint(info.virtual_size);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kvblk/block_device.h"
+#include "tools/json_writer.h"
 
 namespace kvblk::cli {
 
@@ -24,6 +25,9 @@ int RunResize(const std::vector<std::string>& args);
 // qemu-img's "Snapshot list:" table (header and one line per snapshot, each
 // ending in a newline), shared by `info` and `snapshot -l`.
 std::string FormatSnapshotTable(const std::vector<SnapshotInfo>& snapshots);
+// Writes `snapshots` as a JSON array, members in the order qemu-img's
+// `info --output=json` prints them.
+void WriteSnapshotsJson(const std::vector<SnapshotInfo>& snapshots, JsonWriter& json);
 
 }  // namespace kvblk::cli
 

@@ -11,29 +11,8 @@
 TAP_LIB=$(cd "$(dirname "$0")/../support" && pwd)/tap.sh
 set -uo pipefail
 
-BUILD=${1:-build}
-if [ ! -x "$BUILD/kvblk" ]; then
-  echo "not ok - $BUILD/kvblk is not built"
-  exit 1
-fi
-KVBLK=$(cd "$BUILD" && pwd)/kvblk
-for tool in qemu-img qemu-io python3; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "not ok - $tool is not installed"
-    exit 1
-  fi
-done
-
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-cd "$T" || exit 1
-export LC_ALL=C
-
-failures=0
-checks=0
-: >"$T/.evidence"
-
 . "$TAP_LIB"
+tap_setup "${1:-build}" qemu-img qemu-io python3
 
 # verdict DESC CONDITION-EXIT-STATUS
 verdict() { if [ "$2" -eq 0 ]; then pass "$1"; else fail "$1"; fi; }

@@ -7,7 +7,7 @@
 # commands get "error" lines and leave the server working.
 #
 # Usage: tests/interop/control_test.sh BUILD_DIR   (the CLI is BUILD_DIR/kvblk;
-# the fio engine is BUILD_DIR/perf/fio-vhost-user.so, else build/perf/'s)
+# the fio engine BUILD_DIR/perf/fio-vhost-user.so is built when missing)
 #
 # Prints "ok - ..." / "not ok - ..." lines (evidence indented under a
 # failure); exits non-zero if any check failed.
@@ -15,44 +15,9 @@ TAP_LIB=$(cd "$(dirname "$0")/../support" && pwd)/tap.sh
 TOP=$(cd "$(dirname "$0")/../.." && pwd)
 set -uo pipefail
 
-BUILD=${1:-build}
-if [ ! -x "$BUILD/kvblk" ]; then
-  echo "not ok - $BUILD/kvblk is not built"
-  exit 1
-fi
-KVBLK=$(cd "$BUILD" && pwd)/kvblk
-ENGINE=
-for e in "$BUILD/perf/fio-vhost-user.so" "$TOP/build/perf/fio-vhost-user.so"; do
-  if [ -f "$e" ]; then
-    ENGINE=$(cd "$(dirname "$e")" && pwd)/$(basename "$e")
-    break
-  fi
-done
-if [ -z "$ENGINE" ]; then
-  echo "not ok - fio-vhost-user.so is not built (make -f perf/Makefile perf BUILD=$BUILD)"
-  exit 1
-fi
-for tool in qemu-img python3 fio timeout; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "not ok - $tool is not installed"
-    exit 1
-  fi
-done
-
-T=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-  rm -rf "$T"
-}
-trap cleanup EXIT
-cd "$T" || exit 1
-export LC_ALL=C
-
-failures=0
-checks=0
-
 . "$TAP_LIB"
+tap_setup "${1:-build}" qemu-img python3 fio timeout
+tap_engine "${1:-build}"
 
 # The control client: sends each argument as one line (on one connection)
 # and prints one reply line per command. With HOLD=SECONDS it keeps the

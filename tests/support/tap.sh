@@ -20,3 +20,44 @@ check() {
   shift
   if "$@" >"$T/.evidence" 2>&1; then pass "$desc"; else fail "$desc"; fi
 }
+
+# tap_setup BUILD TOOL...: the common start of an interop script. Sets KVBLK
+# (BUILD/kvblk, absolute), checks that each TOOL is installed, makes the temp
+# dir T (removed on exit, after killing any pid in PIDS), changes into it and
+# zeroes the counters. Exits with a "not ok" line when something is missing.
+tap_setup() {
+  local build=$1 tool
+  shift
+  if [ ! -x "$build/kvblk" ]; then
+    echo "not ok - $build/kvblk is not built"
+    exit 1
+  fi
+  KVBLK=$(cd "$build" && pwd)/kvblk
+  for tool in "$@"; do
+    if ! command -v "$tool" >/dev/null; then
+      echo "not ok - $tool is not installed"
+      exit 1
+    fi
+  done
+  T=$(mktemp -d)
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done; rm -rf "$T"' EXIT
+  cd "$T" || exit 1
+  export LC_ALL=C
+  failures=0
+  checks=0
+  : >"$T/.evidence"
+}
+
+# tap_engine BUILD: builds BUILD/perf/fio-vhost-user.so (from the repository
+# at TOP) if needed and sets ENGINE to its absolute path.
+tap_engine() {
+  local build=$1 dir
+  case $build in /*) dir=$build ;; *) dir=$TOP/$build ;; esac
+  if ! (cd "$TOP" && make --no-print-directory -s -f perf/Makefile BUILD="$build" \
+          "$build/perf/fio-vhost-user.so") >/dev/null 2>&1; then
+    echo "not ok - build $build/perf/fio-vhost-user.so"
+    exit 1
+  fi
+  ENGINE=$dir/perf/fio-vhost-user.so
+}

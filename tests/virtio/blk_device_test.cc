@@ -12,6 +12,7 @@
 #include "disk/mem_file.h"
 #include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
+#include "tests/support/forwarding_device.h"
 #include "tests/support/test_util.h"
 #include "tests/support/virtio_fake_driver.h"
 
@@ -34,10 +35,10 @@ constexpr uint16_t kQueueSize = 64;
 
 // Delays reads that start at `slow_offset` by `yields` loop passes, so a
 // request submitted first can complete last. Counts concurrent requests.
-class SlowReadDevice final : public BlockDevice {
+class SlowReadDevice final : public testing::ForwardingDevice {
  public:
   SlowReadDevice(BlockDevice& inner, uint64_t slow_offset, int yields)
-      : inner_(inner), slow_offset_(slow_offset), yields_(yields) {}
+      : ForwardingDevice(inner), slow_offset_(slow_offset), yields_(yields) {}
 
   Task<Status> Read(uint64_t offset, const iovec* iov, int iovcnt) override {
     ++active_;
@@ -49,26 +50,10 @@ class SlowReadDevice final : public BlockDevice {
     --active_;
     co_return st;
   }
-  Task<Status> Write(uint64_t offset, const iovec* iov, int iovcnt) override {
-    return inner_.Write(offset, iov, iovcnt);
-  }
-  Task<Status> Flush() override { return inner_.Flush(); }
-  Task<Status> Discard(uint64_t o, uint64_t l) override { return inner_.Discard(o, l); }
-  Task<Status> WriteZeroes(uint64_t o, uint64_t l, bool u) override {
-    return inner_.WriteZeroes(o, l, u);
-  }
-  Task<Result<BlockStatus>> GetBlockStatus(uint64_t o, uint64_t m) override {
-    return inner_.GetBlockStatus(o, m);
-  }
-  Task<Status> Close() override { return inner_.Close(); }
-  uint64_t size() const override { return inner_.size(); }
-  Capabilities capabilities() const override { return inner_.capabilities(); }
-  Result<ImageInfo> Info() override { return inner_.Info(); }
 
   int max_active() const { return max_active_; }
 
  private:
-  BlockDevice& inner_;
   uint64_t slow_offset_;
   int yields_;
   int active_ = 0;

@@ -16,6 +16,7 @@
 #include "disk/mem_file.h"
 #include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
+#include "tests/support/forwarding_device.h"
 #include "tests/support/test_util.h"
 #include "tests/support/virtio_fake_driver.h"
 #include "virtio/blk_device.h"
@@ -65,13 +66,10 @@ class IoThread {
 };
 
 // Records which thread ran each write (by offset).
-class ThreadRecordingDevice final : public BlockDevice {
+class ThreadRecordingDevice final : public testing::ForwardingDevice {
  public:
-  explicit ThreadRecordingDevice(BlockDevice& inner) : inner_(inner) {}
+  using ForwardingDevice::ForwardingDevice;
 
-  Task<Status> Read(uint64_t offset, const iovec* iov, int iovcnt) override {
-    return inner_.Read(offset, iov, iovcnt);
-  }
   Task<Status> Write(uint64_t offset, const iovec* iov, int iovcnt) override {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -79,18 +77,6 @@ class ThreadRecordingDevice final : public BlockDevice {
     }
     return inner_.Write(offset, iov, iovcnt);
   }
-  Task<Status> Flush() override { return inner_.Flush(); }
-  Task<Status> Discard(uint64_t o, uint64_t l) override { return inner_.Discard(o, l); }
-  Task<Status> WriteZeroes(uint64_t o, uint64_t l, bool u) override {
-    return inner_.WriteZeroes(o, l, u);
-  }
-  Task<Result<BlockStatus>> GetBlockStatus(uint64_t o, uint64_t m) override {
-    return inner_.GetBlockStatus(o, m);
-  }
-  Task<Status> Close() override { return inner_.Close(); }
-  uint64_t size() const override { return inner_.size(); }
-  Capabilities capabilities() const override { return inner_.capabilities(); }
-  Result<ImageInfo> Info() override { return inner_.Info(); }
 
   std::map<uint64_t, std::thread::id> writers() {
     std::lock_guard<std::mutex> l(mu_);
@@ -98,7 +84,6 @@ class ThreadRecordingDevice final : public BlockDevice {
   }
 
  private:
-  BlockDevice& inner_;
   std::mutex mu_;
   std::map<uint64_t, std::thread::id> writer_;
 };

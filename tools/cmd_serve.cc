@@ -172,6 +172,8 @@ int RunServe(const std::vector<std::string>& args) {
     ControlServerOptions co;
     co.socket_path = a.Get("control");
     co.log = so.log;
+    VhostUserServer* vs = server->get();
+    co.on_resized = [vs] { vs->NotifyConfigChange(); };
     Result<std::unique_ptr<ControlServer>> c =
         ControlServer::Start(**disk, EventLoop::Current(), std::move(co));
     if (!c.ok()) {

@@ -380,6 +380,7 @@ std::string ControlServer::Execute(const std::string& raw_line) {
       return ErrorReply(st);
     }
     Log("resize to " + std::to_string(*size) + " bytes: done");
+    if (opts_.on_resized) opts_.on_resized();
     return "ok";
   }
   if (cmd == "info") {

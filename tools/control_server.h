@@ -42,6 +42,9 @@ struct ControlServerOptions {
   std::string socket_path;
   // One line per event worth telling (connections, failed commands).
   std::function<void(const std::string&)> log;
+  // Called on the control thread after a resize succeeded (kvblk serve tells
+  // the front end, which tells the guest). May be empty.
+  std::function<void()> on_resized;
 };
 
 class ControlServer {

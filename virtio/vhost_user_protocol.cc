@@ -28,7 +28,6 @@ bool IsNeverOffered(Request r) {
     case Request::kSetLogFd:
     case Request::kSendRarp:  // net
     case Request::kNetSetMtu:
-    case Request::kSetBackendReqFd:      // BACKEND_REQ
     case Request::kIotlbMsg:             // VIRTIO_F_IOMMU_PLATFORM
     case Request::kSetVringEndian:       // CROSS_ENDIAN
     case Request::kCreateCryptoSession:  // crypto
@@ -376,6 +375,10 @@ VuStatus CheckMessageShape(const Message& m) {
     }
     case Request::kAddMemReg:
       size = kSingleRegionSize;
+      fds = FdRule{1, 1};
+      break;
+    case Request::kSetBackendReqFd:  // the back-end channel's socket
+      size = 0;
       fds = FdRule{1, 1};
       break;
     case Request::kRemMemReg:

@@ -124,6 +124,9 @@ inline constexpr uint32_t kFlagNeedReply = 1u << 3;
 inline constexpr int kFProtocolFeatures = 30;
 
 // Protocol feature bits (GET_PROTOCOL_FEATURES / SET_PROTOCOL_FEATURES).
+// Requests the back end sends on the back-end channel (SET_BACKEND_REQ_FD).
+inline constexpr uint32_t kBackendConfigChangeMsg = 2;
+
 inline constexpr int kProtocolFMq = 0;
 inline constexpr int kProtocolFLogShmfd = 1;
 inline constexpr int kProtocolFReplyAck = 3;

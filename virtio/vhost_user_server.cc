@@ -120,6 +120,7 @@ VhostUserServer::~VhostUserServer() {
 
 uint64_t VhostUserServer::offered_protocol_features() const {
   return Bit(vhost_user::kProtocolFMq) | Bit(vhost_user::kProtocolFReplyAck) |
+         Bit(vhost_user::kProtocolFBackendReq) |
          Bit(vhost_user::kProtocolFConfig) | Bit(vhost_user::kProtocolFResetDevice) |
          Bit(vhost_user::kProtocolFConfigureMemSlots);
 }
@@ -262,8 +263,31 @@ void VhostUserServer::OnListenReadable() {
   }
 }
 
+void VhostUserServer::NotifyConfigChange() {
+  std::weak_ptr<VhostUserServer*> weak = alive_;
+  loop_->PostFunction([weak] {
+    if (auto s = weak.lock()) (*s)->SendConfigChange();
+  });
+}
+
+void VhostUserServer::SendConfigChange() {
+  if (!connected_ || !backend_fd_.valid() || !Negotiated(vhost_user::kProtocolFConfig)) return;
+  Message m;
+  m.request = vhost_user::kBackendConfigChangeMsg;
+  // No NEED_REPLY: the front end's answer would have to be read from the
+  // channel, and a missed notification only delays what the guest sees.
+  VuStatus st = vhost_user::SendMessage(backend_fd_.get(), m, /*nonblocking=*/true);
+  if (st.ok()) {
+    Log("told the front end that the configuration changed");
+  } else {
+    LogLimited(std::string("config change notification failed: ") +
+               vhost_user::VhostUserErrorName(st.error()));
+  }
+}
+
 void VhostUserServer::ResetConnectionState() {
   reader_ = vhost_user::MessageReader();
+  backend_fd_.Reset();
   protocol_features_ = 0;
   protocol_features_acked_ = false;
   memory_.Clear();
@@ -343,6 +367,7 @@ void VhostUserServer::Disconnect(const std::string& why) {
   if (conn_watch_ != 0 && poller_) poller_->Remove(conn_watch_);
   conn_watch_ = 0;
   conn_fd_.Reset();
+  backend_fd_.Reset();
   if (device_) {
     StopAllRings();
     device_->Drain();
@@ -503,6 +528,12 @@ VuStatus VhostUserServer::Dispatch(Message& m, std::optional<std::vector<uint8_t
     case Request::kSetVringCall:
     case Request::kSetVringErr:
       return HandleVringFd(m);
+    case Request::kSetBackendReqFd:
+      if (!Negotiated(vhost_user::kProtocolFBackendReq)) {
+        return VhostUserError::kProtocolFeatureNotNegotiated;
+      }
+      backend_fd_ = std::move(m.fds[0]);
+      return {};
     case Request::kGetConfig:
       return HandleGetConfig(m, body);
     case Request::kSetConfig:

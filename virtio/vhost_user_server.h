@@ -126,6 +126,13 @@ class VhostUserServer {
   // called before Run().
   void Stop();
 
+  // Tells the front end that the device's configuration changed (its
+  // capacity after a resize): VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the
+  // back-end channel, if the front end set one up (protocol features
+  // BACKEND_REQ and CONFIG); QEMU then rereads the config space and
+  // notifies the guest. Otherwise nothing happens. Thread-safe.
+  void NotifyConfigChange();
+
   uint64_t offered_features() const { return offered_features_; }
   uint64_t offered_protocol_features() const;
   // Connections that ended so far.
@@ -153,6 +160,7 @@ class VhostUserServer {
   void OnConnReadable(uint64_t conn_gen);
   void OnKick(int q);
   void OnStop();
+  void SendConfigChange();
 
   Status StartConnection(vhost_user::UniqueFd fd);
   void Disconnect(const std::string& why);
@@ -216,6 +224,7 @@ class VhostUserServer {
   bool protocol_features_acked_ = false;  // bit 30 in SET_FEATURES
   vhost_user::VhostUserMemory memory_;
   std::vector<Vring> vrings_;
+  vhost_user::UniqueFd backend_fd_;  // SET_BACKEND_REQ_FD; loop thread
   std::string error_detail_;  // context for the next refusal's log line
   std::atomic<int> log_budget_ = 0;  // guest errors are logged from queue loops
   std::mutex log_mu_;

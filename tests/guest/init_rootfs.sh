@@ -146,5 +146,28 @@ sum2=$(md5sum </root/blob)
 rm -f /root/blob
 say "4 MiB file on the root filesystem written, synced and read back"
 
+# --- a live resize (kvblk only: the host grows the data disk through
+# `kvblk serve --control`; the back end tells QEMU, QEMU tells the guest) -----
+if grep -q 'kvblk.live_resize=1' /proc/cmdline; then
+  before=$(cat "/sys/block/$data_name/size")
+  say "RESIZE-READY sectors=$before"
+  after=$before
+  for _ in $(seq 600); do
+    after=$(cat "/sys/block/$data_name/size")
+    [ "$after" != "$before" ] && break
+    sleep 0.1
+  done
+  [ "$after" -gt "$before" ] ||
+    fail "data disk still has $after sectors 60 s after the host was asked to grow it"
+  say "data disk grew live from $before to $after sectors"
+  dd if=/dev/urandom of=/tmp/tail bs=$MiB count=1 status=none
+  dd if=/tmp/tail of="$DATA" bs=$MiB seek=$(((after * 512 / MiB) - 1)) oflag=direct \
+    status=none || fail "writing the last MiB of the grown disk"
+  dd if="$DATA" of=/tmp/back bs=$MiB skip=$(((after * 512 / MiB) - 1)) count=1 iflag=direct \
+    status=none || fail "reading the last MiB of the grown disk"
+  cmp -s /tmp/tail /tmp/back || fail "the last MiB of the grown disk does not read back"
+  say "the new last MiB of the data disk is written and read back"
+fi
+
 echo "KVBLK-GUEST-RESULT: PASS engine=$ENGINE data=$DATA uptime=$(uptime_s)s"
 finish

@@ -126,7 +126,7 @@ start_backend() {
     kvblk)
       # shellcheck disable=SC2086
       "$KVBLK" serve -f qcow2 --once --num-queues "$(queues_for "$d")" \
-        --iothreads "$(queues_for "$d")" ${KVBLK_SERVE_ARGS:-} \
+        --iothreads "$(queues_for "$d")" --control "$W/$d.ctl" ${KVBLK_SERVE_ARGS:-} \
         --socket "$sock" "$img" >"$log" 2>&1 &
       ;;
   esac
@@ -168,7 +168,7 @@ QEMU_ARGS=(
   -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" -m "$GUEST_MEM"
   -smp "$DATA_QUEUES" -nodefaults -nographic -no-reboot -serial stdio -monitor none
   -kernel "$IMAGES/vmlinuz" -initrd "$IMAGES/initrd.cpio.gz"
-  -append "console=ttyS0 panic=-1 rdinit=/init"
+  -append "console=ttyS0 panic=-1 rdinit=/init$([ "$BACKEND" = kvblk ] && echo ' kvblk.live_resize=1')"
 )
 i=0
 for d in "${DISKS[@]}"; do
@@ -177,6 +177,29 @@ for d in "${DISKS[@]}"; do
   i=$((i + 1))
 done
 echo "qemu-system-x86_64 ${QEMU_ARGS[*]}" >"$W/qemu.cmdline"
+
+# With kvblk, grow the data disk by 64 MiB through the control socket once
+# the guest says it is watching its size.
+RESIZE_REPLY=$W/resize.reply
+if [ "$BACKEND" = kvblk ]; then
+  (
+    for _ in $(seq 3000); do
+      if tr -d '\r' <"$W/console.log" 2>/dev/null | grep -aq 'RESIZE-READY'; then
+        python3 - "$W/data.ctl" >"$RESIZE_REPLY" 2>&1 <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+s.connect(sys.argv[1])
+s.sendall(b"resize +64M\n")
+print(s.makefile("rb").readline().decode().strip())
+PY
+        exit 0
+      fi
+      sleep 0.1
+    done
+  ) &
+  RESIZER=$!
+fi
 
 t_qemu=$(now)
 if [ "$GUEST_CONSOLE" = 1 ]; then
@@ -240,6 +263,19 @@ case "$verdict" in
     show_console_tail
     ;;
 esac
+if [ "$BACKEND" = kvblk ]; then
+  kill "$RESIZER" 2>/dev/null
+  wait "$RESIZER" 2>/dev/null
+  grown=$(sed -n 's/^KVBLK-GUEST: data disk grew live from \([0-9]*\) to \([0-9]*\) sectors.*/\1 -> \2/p' \
+    "$CONSOLE.txt" | head -1)
+  if [ -n "$grown" ] && grep -qx ok "$RESIZE_REPLY" 2>/dev/null &&
+     grep -aq 'new last MiB of the data disk is written and read back' "$CONSOLE.txt"; then
+    ok "live resize +64M through kvblk serve --control reached the guest (sectors $grown) and the new end is usable"
+  else
+    not_ok "live resize +64M through kvblk serve --control reached the guest (control reply: $(cat "$RESIZE_REPLY" 2>/dev/null))"
+    indent <"$W/data.backend.log"
+  fi
+fi
 # The guest's own progress lines and fio summaries, for the record.
 grep -a -E '^KVBLK-GUEST|^[a-z-]+: \(groupid|^ +(read|write): IOPS|^ +(READ|WRITE): bw' \
   "$CONSOLE.txt" | sed 's/^/# /'

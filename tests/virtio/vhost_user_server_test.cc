@@ -353,6 +353,7 @@ class ServerThread {
     return out;
   }
   int served() const { return served_; }
+  void NotifyConfigChange() { server_->NotifyConfigChange(); }
 
  private:
   std::shared_ptr<MemFileData> data_;
@@ -451,6 +452,7 @@ TEST_F(VhostUserServerTest, NegotiatesFeaturesQueuesAndSlots) {
   EXPECT_TRUE(f & FeatureBit(vblk::kFMq));
   uint64_t proto = fe_->GetU64(Request::kGetProtocolFeatures);
   const uint64_t want = (1u << vhost_user::kProtocolFMq) | (1u << vhost_user::kProtocolFReplyAck) |
+                        (1u << vhost_user::kProtocolFBackendReq) |
                         (1u << vhost_user::kProtocolFConfig) |
                         (1u << vhost_user::kProtocolFResetDevice) |
                         (1u << vhost_user::kProtocolFConfigureMemSlots);
@@ -491,6 +493,38 @@ TEST_F(VhostUserServerTest, ServesConfigSpaceAndTheWritebackField) {
   EXPECT_EQ(wb->data, std::vector<uint8_t>{0});
   EXPECT_EQ(fe_->Ack(Request::kSetConfig, EncodeConfig({vblk::kCfgCapacity, 0, {1}})), 1u);
   EXPECT_TRUE(server_.HasLog("SET_CONFIG refused: DeviceRejected"));
+}
+
+TEST_F(VhostUserServerTest, ConfigChangeIsSentOnTheBackendChannel) {
+  StartPair();
+  const uint64_t proto = fe_->GetU64(Request::kGetProtocolFeatures);
+  ASSERT_TRUE(proto & (1u << vhost_user::kProtocolFBackendReq));
+  fe_->Send(Request::kSetProtocolFeatures, EncodeU64(proto));
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd ours(sv[0]);
+  ASSERT_EQ(fe_->Ack(Request::kSetBackendReqFd, {}, One(UniqueFd(sv[1]))), 0u);
+  server_.NotifyConfigChange();
+  auto m = vhost_user::ReadMessageBlocking(ours.get(), kTimeoutMs);
+  ASSERT_TRUE(m.ok()) << vhost_user::VhostUserErrorName(m.error());
+  EXPECT_EQ(m->request, vhost_user::kBackendConfigChangeMsg);
+  EXPECT_EQ(m->flags, vhost_user::kVersion);  // no NEED_REPLY
+  EXPECT_TRUE(m->payload.empty());
+  EXPECT_TRUE(m->fds.empty());
+}
+
+TEST_F(VhostUserServerTest, BackendChannelNeedsItsProtocolFeature) {
+  StartPair();
+  fe_->Send(Request::kSetProtocolFeatures, EncodeU64((1u << vhost_user::kProtocolFReplyAck) |
+                                                     (1u << vhost_user::kProtocolFConfig)));
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd ours(sv[0]);
+  EXPECT_EQ(fe_->Ack(Request::kSetBackendReqFd, {}, One(UniqueFd(sv[1]))), 1u);
+  EXPECT_TRUE(server_.HasLog("SET_BACKEND_REQ_FD refused: ProtocolFeatureNotNegotiated"));
+  // Without a channel a config change goes nowhere, and nothing breaks.
+  server_.NotifyConfigChange();
+  EXPECT_EQ(fe_->GetU64(Request::kGetQueueNum), 1u);
 }
 
 TEST_F(VhostUserServerTest, ConfigNeedsTheConfigProtocolFeature) {

@@ -1,7 +1,13 @@
 // Task<T>: the coroutine type of every asynchronous kvblk operation.
 //
-// A Task is lazy: it starts when awaited, and resumes its awaiter by symmetric
-// transfer when it finishes, so chains of co_await do not grow the stack.
+// A Task is lazy: it starts when awaited. The awaiter runs it inline; if it
+// finishes before suspending, the awaiter simply continues (no nesting, so a
+// loop over tasks that complete at once does not grow the stack even where
+// the compiler does not turn symmetric transfer into a tail call, e.g. at
+// -O1 with sanitizers). If it suspends, whoever finishes it resumes the
+// awaiter by symmetric transfer. An atomic flag decides which of the two
+// happened, as the task may finish on another thread (a hop to another
+// event loop) while the awaiter is still returning from await_suspend.
 // A Task must be awaited (or handed to Spawn / RunSync) exactly once.
 // An exception escaping a coroutine body is stored in the promise and
 // rethrown by the awaiter; kvblk code reports errors as Status values and
@@ -9,6 +15,7 @@
 #ifndef KVBLK_TASK_H_
 #define KVBLK_TASK_H_
 
+#include <atomic>
 #include <coroutine>
 #include <cstdlib>
 #include <exception>
@@ -26,14 +33,18 @@ struct FinalAwaiter {
   bool await_ready() const noexcept { return false; }
   template <typename P>
   std::coroutine_handle<> await_suspend(std::coroutine_handle<P> h) noexcept {
-    auto next = h.promise().continuation;
-    return next ? next : std::noop_coroutine();
+    auto& p = h.promise();
+    // First to arrive: the awaiter is still in await_suspend and will carry
+    // on by itself. Second: the awaiter has suspended; resume it.
+    if (!p.handoff.exchange(true, std::memory_order_acq_rel)) return std::noop_coroutine();
+    return p.continuation ? p.continuation : std::noop_coroutine();
   }
   void await_resume() const noexcept {}
 };
 
 struct PromiseBase {
   std::coroutine_handle<> continuation;
+  std::atomic<bool> handoff = false;  // see FinalAwaiter and Task's Awaiter
   std::exception_ptr exception;
   std::suspend_always initial_suspend() const noexcept { return {}; }
   FinalAwaiter final_suspend() const noexcept { return {}; }
@@ -93,9 +104,11 @@ class [[nodiscard]] Task {
     struct Awaiter {
       Handle h;
       bool await_ready() const noexcept { return false; }
-      std::coroutine_handle<> await_suspend(std::coroutine_handle<> awaiting) noexcept {
+      bool await_suspend(std::coroutine_handle<> awaiting) noexcept {
         h.promise().continuation = awaiting;
-        return h;
+        h.resume();
+        // True: the task is still running and will resume us when done.
+        return !h.promise().handoff.exchange(true, std::memory_order_acq_rel);
       }
       T await_resume() { return h.promise().Take(); }
     };

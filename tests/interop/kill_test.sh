@@ -6,6 +6,7 @@
 #
 # Usage: tests/interop/kill_test.sh BUILD_DIR
 #   KVBLK_KILL_ROUNDS=N   rounds (default 3; `make stress` runs 100)
+#   KVBLK_FIO_ENGINE=SO   a prebuilt fio-vhost-user.so (for an ASan build of kvblk)
 #   KVBLK_KILL_SEED=N     seed of the random kill moments (default: random;
 #                         printed, so a failing run can be replayed)
 #
@@ -49,11 +50,17 @@ fi
 KVBLK=$(cd "$BUILD" && pwd)/kvblk
 # fio and QEMU's tools come with the guest harness's packages.
 tests/guest/deps.sh >/dev/null || { echo "not ok - install fio and qemu-utils"; exit 1; }
-ENGINE=$(cd "$BUILD" && pwd)/perf/fio-vhost-user.so
-if ! make --no-print-directory -s -f perf/Makefile BUILD="$BUILD" "$BUILD/perf/fio-vhost-user.so" \
-  >/dev/null; then
-  echo "not ok - build $BUILD/perf/fio-vhost-user.so"
-  exit 1
+# KVBLK_FIO_ENGINE: a prebuilt engine, for sanitizer builds of kvblk (fio
+# cannot load an engine built with ASan; the engine only speaks vhost-user).
+if [ -n "${KVBLK_FIO_ENGINE:-}" ]; then
+  ENGINE=$(cd "$(dirname "$KVBLK_FIO_ENGINE")" && pwd)/$(basename "$KVBLK_FIO_ENGINE")
+else
+  ENGINE=$(cd "$BUILD" && pwd)/perf/fio-vhost-user.so
+  if ! make --no-print-directory -s -f perf/Makefile BUILD="$BUILD" "$BUILD/perf/fio-vhost-user.so" \
+    >/dev/null; then
+    echo "not ok - build $BUILD/perf/fio-vhost-user.so"
+    exit 1
+  fi
 fi
 for tool in fio qemu-img qemu-io python3 timeout setsid; do
   command -v "$tool" >/dev/null || { echo "not ok - $tool is installed"; exit 1; }

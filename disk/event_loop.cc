@@ -5,7 +5,12 @@
 namespace kvblk {
 
 EventLoop::EventLoop(std::unique_ptr<IoEngine> engine) : engine_(std::move(engine)) {}
-EventLoop::~EventLoop() = default;
+
+EventLoop::~EventLoop() {
+  // Another thread may still be inside Post()/Wake() for work this loop has
+  // already run: they touch the loop only under posted_mu_, so wait for them.
+  std::lock_guard<std::mutex> l(posted_mu_);
+}
 
 namespace {
 thread_local EventLoop* tl_installed = nullptr;
@@ -20,23 +25,24 @@ EventLoop& EventLoop::Current() {
 
 void EventLoop::SetCurrent(EventLoop* loop) { tl_installed = loop; }
 
+// The wake-up is sent under posted_mu_: once the loop has run the posted
+// work it may be destroyed, and the destructor waits for the mutex.
 void EventLoop::Post(std::coroutine_handle<> h) {
-  {
-    std::lock_guard<std::mutex> l(posted_mu_);
-    posted_.push_back(h);
-  }
+  std::lock_guard<std::mutex> l(posted_mu_);
+  posted_.push_back(h);
   engine_->Wake();
 }
 
 void EventLoop::PostFunction(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> l(posted_mu_);
-    posted_fns_.push_back(std::move(fn));
-  }
+  std::lock_guard<std::mutex> l(posted_mu_);
+  posted_fns_.push_back(std::move(fn));
   engine_->Wake();
 }
 
-void EventLoop::Wake() { engine_->Wake(); }
+void EventLoop::Wake() {
+  std::lock_guard<std::mutex> l(posted_mu_);
+  engine_->Wake();
+}
 
 bool EventLoop::DrainPosted() {
   std::deque<std::coroutine_handle<>> hs;

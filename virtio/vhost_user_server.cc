@@ -129,19 +129,23 @@ Status VhostUserServer::StartIoThreads(int count) {
   for (int i = 1; i < count; ++i) {
     std::promise<Result<EventLoop*>> ready;
     std::future<Result<EventLoop*>> got = ready.get_future();
+    auto slot = std::make_unique<std::unique_ptr<EventLoop>>();
+    std::unique_ptr<EventLoop>* owned = slot.get();
     try {
-      io_threads_.emplace_back([this, &ready] {
-        // The loop (and its io_uring) is created and used on this thread.
-        std::unique_ptr<EventLoop> loop;
+      io_threads_.emplace_back([this, &ready, owned] {
+        // The loop (and its io_uring) is created and used on this thread,
+        // and owned by the server, which destroys it after the join (a
+        // Wake() from StopIoThreads must never meet a destroyed loop).
         try {
-          loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
+          *owned = std::make_unique<EventLoop>(MakeDefaultIoEngine());
         } catch (const std::exception& e) {
           ready.set_value(Status(StatusCode::kIoError, std::string("vhost-user: I/O thread: ") +
                                                            e.what()));
           return;
         }
-        EventLoop::SetCurrent(loop.get());
-        ready.set_value(loop.get());
+        EventLoop* loop = owned->get();
+        EventLoop::SetCurrent(loop);
+        ready.set_value(loop);
         loop->RunUntil([this] { return io_threads_stop_.load(); });
         EventLoop::SetCurrent(nullptr);
       });
@@ -149,6 +153,7 @@ Status VhostUserServer::StartIoThreads(int count) {
       return Status(StatusCode::kIoError, std::string("vhost-user: starting an I/O thread: ") +
                                               e.what());
     }
+    owned_loops_.push_back(std::move(slot));
     Result<EventLoop*> loop = got.get();
     if (!loop.ok()) return loop.status();
     extra_loops_.push_back(*loop);
@@ -167,6 +172,7 @@ void VhostUserServer::StopIoThreads() {
   for (std::thread& t : io_threads_) t.join();
   io_threads_.clear();
   extra_loops_.clear();
+  owned_loops_.clear();
 }
 
 Status VhostUserServer::CreateDevice() {

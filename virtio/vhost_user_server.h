@@ -235,6 +235,8 @@ class VhostUserServer {
   // The other I/O threads and their loops.
   std::vector<std::thread> io_threads_;
   std::vector<EventLoop*> extra_loops_;
+  // Filled by the threads; destroyed after they are joined.
+  std::vector<std::unique_ptr<std::unique_ptr<EventLoop>>> owned_loops_;
   std::atomic<bool> io_threads_stop_ = false;
 
   std::unique_ptr<std::atomic<bool>[]> kick_pending_;  // per queue; poller sets, loop clears

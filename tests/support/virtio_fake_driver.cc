@@ -164,7 +164,12 @@ void FakeVirtqueue::SetUsedEvent(uint16_t used_event) {
   Put16(guest_.Host(avail_gpa_ + 4 + 2u * size_), used_event);
 }
 
-uint16_t FakeVirtqueue::UsedIdx() { return Get16(guest_.Host(used_gpa_ + 2)); }
+uint16_t FakeVirtqueue::UsedIdx() {
+  // An acquire load, as a driver reads the index the device publishes
+  // (possibly from another thread) before the entries it covers.
+  auto* p = reinterpret_cast<uint16_t*>(guest_.Host(used_gpa_ + 2));
+  return std::atomic_ref<uint16_t>(*p).load(std::memory_order_acquire);
+}
 uint16_t FakeVirtqueue::UsedFlags() { return Get16(guest_.Host(used_gpa_)); }
 uint16_t FakeVirtqueue::AvailEvent() { return Get16(guest_.Host(used_gpa_ + 4 + 8u * size_)); }
 

@@ -40,11 +40,13 @@ class IoThread {
   IoThread() {
     std::promise<EventLoop*> ready;
     auto got = ready.get_future();
+    // The loop outlives the thread: ~IoThread wakes it, and must not meet a
+    // loop the thread already destroyed.
     thread_ = std::thread([this, &ready] {
-      EventLoop loop(MakeDefaultIoEngine());
-      EventLoop::SetCurrent(&loop);
-      ready.set_value(&loop);
-      loop.RunUntil([this] { return stop_.load(); });
+      owned_ = std::make_unique<EventLoop>(MakeDefaultIoEngine());
+      EventLoop::SetCurrent(owned_.get());
+      ready.set_value(owned_.get());
+      owned_->RunUntil([this] { return stop_.load(); });
       EventLoop::SetCurrent(nullptr);
     });
     loop_ = got.get();
@@ -60,6 +62,7 @@ class IoThread {
 
  private:
   std::atomic<bool> stop_ = false;
+  std::unique_ptr<EventLoop> owned_;
   std::thread thread_;
   EventLoop* loop_ = nullptr;
   std::thread::id id_;

@@ -203,15 +203,11 @@ void Qcow2Device::SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t val
 
 void Qcow2Device::IoPins::Add(const Mapping& m, uint32_t cluster_bits) {
   if (m.type == Mapping::Type::kNormal) {
-    a_->BeginIo(m.host >> cluster_bits);
-    clusters_.push_back(m.host >> cluster_bits);
+    Pin(m.host >> cluster_bits);
   } else if (m.type == Mapping::Type::kCompressed) {
     uint64_t first = m.comp_offset >> cluster_bits;
     uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits;
-    for (uint64_t c = first; c <= last; ++c) {
-      a_->BeginIo(c);
-      clusters_.push_back(c);
-    }
+    for (uint64_t c = first; c <= last; ++c) Pin(c);
   }
 }
 

@@ -168,6 +168,16 @@ class Qcow2Device final : public BlockDevice {
   // Adds one reference for each cluster of the L1 table of `entries` entries
   // at `offset` (none for an empty table).
   void AddL1TableRefs(uint64_t offset, uint32_t entries, RefDelta* refs) const;
+  struct SnapshotTree {
+    int index = 0;  // in snapshots_
+    Snapshot snapshot;
+    std::vector<uint64_t> l1;  // its L1 table, as on disk
+  };
+  // With image_lock_ exclusive and flush_mu_ held: the snapshot `name_or_id`
+  // (looked up in `order`; NotFound naming the order otherwise) and its L1
+  // table, read after the active metadata was flushed.
+  Task<Result<SnapshotTree>> LoadSnapshotTree(const std::string& name_or_id,
+                                              SnapshotLookup order);
   // Reads an L1 table of `entries` entries at `offset`.
   Task<Result<std::vector<uint64_t>>> ReadL1(uint64_t offset, uint32_t entries);
   // Allocates clusters for `l1`, writes it (zero padded) and syncs it with
@@ -208,7 +218,8 @@ class Qcow2Device final : public BlockDevice {
    public:
     explicit IoPins(Allocator* a) : a_(a) {}
     ~IoPins() {
-      for (uint64_t c : clusters_) a_->EndIo(c);
+      for (size_t i = 0; i < inline_count_; ++i) a_->EndIo(inline_[i]);
+      for (uint64_t c : more_) a_->EndIo(c);
     }
     IoPins(const IoPins&) = delete;
     IoPins& operator=(const IoPins&) = delete;
@@ -216,8 +227,20 @@ class Qcow2Device final : public BlockDevice {
     void Add(const Mapping& m, uint32_t cluster_bits);
 
    private:
+    void Pin(uint64_t cluster) {
+      a_->BeginIo(cluster);
+      if (inline_count_ < kInline) {
+        inline_[inline_count_++] = cluster;
+      } else {
+        more_.push_back(cluster);
+      }
+    }
+    // Most requests pin one or two clusters: no allocation for those.
+    static constexpr size_t kInline = 4;
     Allocator* a_;
-    std::vector<uint64_t> clusters_;
+    uint64_t inline_[kInline];
+    size_t inline_count_ = 0;
+    std::vector<uint64_t> more_;
   };
 
   Qcow2Device(std::unique_ptr<File> file, Header header, const OpenOptions& opts);

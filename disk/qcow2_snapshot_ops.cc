@@ -365,6 +365,23 @@ void Qcow2Device::AddL1TableRefs(uint64_t offset, uint32_t entries, RefDelta* re
   for (uint64_t i = 0; i < n; ++i) ++(*refs)[(offset >> cluster_bits_) + i];
 }
 
+Task<Result<Qcow2Device::SnapshotTree>> Qcow2Device::LoadSnapshotTree(const std::string& name_or_id,
+                                                                    SnapshotLookup order) {
+  const int idx = FindSnapshot(snapshots_, name_or_id, order);
+  if (idx < 0) {
+    const char* what = order == SnapshotLookup::kIdThenName ? "ID or name" : "name or ID";
+    co_return Status::NotFound(file_->path() + ": no snapshot with " + what + " '" + name_or_id +
+                               "'");
+  }
+  SnapshotTree tree;
+  tree.index = idx;
+  tree.snapshot = snapshots_[idx];
+  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+  KVBLK_CO_ASSIGN_OR_RETURN(tree.l1,
+                            co_await ReadL1(tree.snapshot.l1_table_offset, tree.snapshot.l1_size));
+  co_return tree;
+}
+
 Task<Status> Qcow2Device::ApplySnapshot(const std::string& name_or_id) {
   return OnHome(ApplySnapshotOnHome(name_or_id));
 }
@@ -376,13 +393,10 @@ Task<Status> Qcow2Device::ApplySnapshotOnHome(std::string name_or_id) {
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();
   ExclusiveGuard f(&flush_mu_);
-  const int idx = FindSnapshot(snapshots_, name_or_id, SnapshotLookup::kIdThenName);
-  if (idx < 0)
-    co_return Status::NotFound(path + ": no snapshot with ID or name '" + name_or_id + "'");
-  const Snapshot sn = snapshots_[idx];
-  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
-  KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1,
-                            co_await ReadL1(sn.l1_table_offset, sn.l1_size));
+  KVBLK_CO_ASSIGN_OR_RETURN(SnapshotTree tree,
+                            co_await LoadSnapshotTree(name_or_id, SnapshotLookup::kIdThenName));
+  const Snapshot& sn = tree.snapshot;
+  const std::vector<uint64_t>& snap_l1 = tree.l1;
   // Snapshots without the disk size in their extra data (v2) keep the
   // current size, as qemu does.
   const uint64_t disk_size = sn.extra.size() >= 16 ? sn.info.disk_size : header_.size;
@@ -421,18 +435,15 @@ Task<Status> Qcow2Device::DeleteSnapshotOnHome(std::string name_or_id) {
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();
   ExclusiveGuard f(&flush_mu_);
-  const int idx = FindSnapshot(snapshots_, name_or_id, SnapshotLookup::kNameThenId);
-  if (idx < 0)
-    co_return Status::NotFound(path + ": no snapshot with name or ID '" + name_or_id + "'");
-  const Snapshot sn = snapshots_[idx];
-  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
-  KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1,
-                            co_await ReadL1(sn.l1_table_offset, sn.l1_size));
+  KVBLK_CO_ASSIGN_OR_RETURN(SnapshotTree tree,
+                            co_await LoadSnapshotTree(name_or_id, SnapshotLookup::kNameThenId));
+  const Snapshot& sn = tree.snapshot;
+  const std::vector<uint64_t>& snap_l1 = tree.l1;
   RefDelta drop;
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(snap_l1, false, &drop));
   AddL1TableRefs(sn.l1_table_offset, sn.l1_size, &drop);
   std::vector<Snapshot> snaps = snapshots_;
-  snaps.erase(snaps.begin() + idx);
+  snaps.erase(snaps.begin() + tree.index);
   KVBLK_CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(snaps)));
   KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(drop));
   co_return co_await DropRefcounts(drop);

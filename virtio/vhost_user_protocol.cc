@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace kvblk::vhost_user {
@@ -126,6 +127,12 @@ bool CollectFds(msghdr* mh, std::vector<UniqueFd>& out, size_t room) {
 void UniqueFd::Reset(int fd) {
   if (fd_ >= 0) close(fd_);
   fd_ = fd;
+}
+
+std::string Hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
 }
 
 const char* RequestName(uint32_t request) {

@@ -113,6 +113,8 @@ inline constexpr uint32_t kLastKnownRequest = 40;
 
 // "GET_FEATURES", "SET_MEM_TABLE", ...; "UNKNOWN" for other numbers.
 const char* RequestName(uint32_t request);
+// "0x..." for log lines.
+std::string Hex(uint64_t v);
 
 // Header flags.
 inline constexpr uint32_t kVersion = 1;

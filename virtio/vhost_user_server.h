@@ -64,9 +64,9 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "disk/loop_thread.h"
 #include "kvblk/block_device.h"
 #include "kvblk/event_loop.h"
 #include "kvblk/status.h"
@@ -198,7 +198,7 @@ class VhostUserServer {
   void OnInterrupt(int q);
   void Log(const std::string& line);
   void LogLimited(const std::string& line);
-  // Starts iothreads - 1 threads with a loop each; fills extra_loops_.
+  // Starts iothreads - 1 threads with a loop each.
   Status StartIoThreads(int count);
   void StopIoThreads();
 
@@ -232,12 +232,9 @@ class VhostUserServer {
   // SET_VRING_CALL on the loop thread.
   std::mutex call_mu_;
 
-  // The other I/O threads and their loops.
-  std::vector<std::thread> io_threads_;
-  std::vector<EventLoop*> extra_loops_;
-  // Filled by the threads; destroyed after they are joined.
-  std::vector<std::unique_ptr<std::unique_ptr<EventLoop>>> owned_loops_;
-  std::atomic<bool> io_threads_stop_ = false;
+  // The other I/O threads (queue i runs on thread i mod iothreads, thread
+  // 0 being this one).
+  std::vector<std::unique_ptr<LoopThread>> io_threads_;
 
   std::unique_ptr<std::atomic<bool>[]> kick_pending_;  // per queue; poller sets, loop clears
   int in_handler_ = 0;  // > 0 while a message or a disconnect is being handled

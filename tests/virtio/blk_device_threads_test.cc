@@ -6,13 +6,12 @@
 
 #include <atomic>
 #include <chrono>
-#include <future>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
 
-#include "disk/io_engine.h"
+#include "disk/loop_thread.h"
 #include "disk/mem_file.h"
 #include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
@@ -33,40 +32,6 @@ using testing::SubmitBlk;
 
 constexpr uint64_t kDiskSize = 1 << 20;
 constexpr uint16_t kQueueSize = 64;
-
-// A thread running its own event loop until destroyed.
-class IoThread {
- public:
-  IoThread() {
-    std::promise<EventLoop*> ready;
-    auto got = ready.get_future();
-    // The loop outlives the thread: ~IoThread wakes it, and must not meet a
-    // loop the thread already destroyed.
-    thread_ = std::thread([this, &ready] {
-      owned_ = std::make_unique<EventLoop>(MakeDefaultIoEngine());
-      EventLoop::SetCurrent(owned_.get());
-      ready.set_value(owned_.get());
-      owned_->RunUntil([this] { return stop_.load(); });
-      EventLoop::SetCurrent(nullptr);
-    });
-    loop_ = got.get();
-    id_ = thread_.get_id();
-  }
-  ~IoThread() {
-    stop_ = true;
-    loop_->Wake();
-    thread_.join();
-  }
-  EventLoop* loop() const { return loop_; }
-  std::thread::id id() const { return id_; }
-
- private:
-  std::atomic<bool> stop_ = false;
-  std::unique_ptr<EventLoop> owned_;
-  std::thread thread_;
-  EventLoop* loop_ = nullptr;
-  std::thread::id id_;
-};
 
 // Records which thread ran each write (by offset).
 class ThreadRecordingDevice final : public testing::ForwardingDevice {
@@ -94,6 +59,11 @@ class ThreadRecordingDevice final : public testing::ForwardingDevice {
 class BlkDeviceThreadsTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    for (auto* t : {&t1_, &t2_}) {
+      auto started = LoopThread::Start();
+      ASSERT_TRUE(started.ok()) << started.status().ToString();
+      *t = std::move(*started);
+    }
     data_ = std::make_shared<MemFileData>();
     data_->bytes.assign(kDiskSize, 0);
     auto disk = RawDevice::Open(std::make_unique<MemFile>(data_, "disk.img"));
@@ -105,7 +75,7 @@ class BlkDeviceThreadsTest : public ::testing::Test {
     opts.max_queue_size = kQueueSize;
     opts.serial = "threads";
     // Queue 0 on this thread, 1 and 2 on the two I/O threads.
-    opts.queue_loops = {&EventLoop::Current(), t1_.loop(), t2_.loop()};
+    opts.queue_loops = {&EventLoop::Current(), &t1_->loop(), &t2_->loop()};
     auto dev = BlkDevice::Create(*disk_, opts);
     ASSERT_TRUE(dev.ok()) << dev.status().ToString();
     dev_ = std::move(*dev);
@@ -140,10 +110,10 @@ class BlkDeviceThreadsTest : public ::testing::Test {
   }
 
   std::thread::id QueueThread(int q) const {
-    return q == 0 ? std::this_thread::get_id() : q == 1 ? t1_.id() : t2_.id();
+    return q == 0 ? std::this_thread::get_id() : q == 1 ? t1_->id() : t2_->id();
   }
 
-  IoThread t1_, t2_;
+  std::unique_ptr<LoopThread> t1_, t2_;
   FakeGuest guest_;
   std::shared_ptr<MemFileData> data_;
   std::unique_ptr<BlockDevice> raw_;

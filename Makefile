@@ -31,6 +31,9 @@ LIB_A   := $(BUILD)/libkvblk.a
 LIB_SO  := $(BUILD)/libkvblk.so
 CLI     := $(BUILD)/kvblk
 UNIT    := $(BUILD)/tests/unit_tests
+# The end-to-end live snapshot test's client (tests/interop/live_snapshot_test.sh).
+LIVE_CLIENT := $(BUILD)/tests/live_client
+LIVE_CLIENT_OBJS := $(BUILD)/obj/tests/interop/live_client.o $(BUILD)/obj/perf/fio/vhost_user_client.o
 
 .PHONY: all deps test unit interop asan tsan install clean help format perf bench bench-quick demo guest stress
 .PHONY: fuzz fuzz-build
@@ -72,12 +75,16 @@ $(UNIT): $(TEST_OBJS) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CXX) -o $@ $(TEST_OBJS) $(LIB_A) $(LDFLAGS) -lgtest -lgmock -lgtest_main $(LDLIBS)
 
+$(LIVE_CLIENT): $(LIVE_CLIENT_OBJS) $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CXX) -o $@ $(LIVE_CLIENT_OBJS) $(LIB_A) $(LDFLAGS) $(LDLIBS)
+
 unit: $(UNIT)
 	$(UNIT)
 
 # The whole suite: unit tests and the interop scripts, with one summary line.
 test: deps
-	@$(MAKE) --no-print-directory all $(UNIT)
+	@$(MAKE) --no-print-directory all $(UNIT) $(LIVE_CLIENT)
 	@tests/run_all.sh $(BUILD)
 
 # The main job: a real guest boots from a qcow2 root disk served by
@@ -182,5 +189,5 @@ fuzz: deps
 	if find $(FUZZ_BUILD)/findings -type f | grep -q .; then \
 	  echo "findings:"; find $(FUZZ_BUILD)/findings -type f; exit 1; fi
 
--include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d)
+-include $(LIB_OBJS:.o=.d) $(TOOL_OBJS:.o=.d) $(TEST_OBJS:.o=.d) $(LIVE_CLIENT_OBJS:.o=.d)
 -include $(wildcard $(FUZZ_BUILD)/obj/*/*.d $(FUZZ_BUILD)/obj/tests/*/*.d)

@@ -59,6 +59,8 @@ std::vector<OptionSpec> ServeSpecs() {
       {0, "serial", "S", "GET_ID serial, <= 20 printable ASCII (default: from the image path)"},
       {0, "once", "", "exit after the first front end disconnects"},
       {0, "control", "PATH", "Unix socket for live commands (snapshots, resize, info, flush)"},
+      {0, "control-idle-timeout", "S",
+       "disconnect a control client silent for S seconds, 1..86400 (default 60)"},
       HelpOption(),
   };
 }
@@ -67,6 +69,7 @@ void PrintHelp() {
   std::printf(
       "usage: kvblk serve [-f FMT] [--read-only] [--num-queues N] [--iothreads N]\n"
       "                   [--cache none|writeback] [--serial S] [--once] [--control PATH]\n"
+      "                   [--control-idle-timeout S]\n"
       "                   --socket PATH IMAGE\n"
       "\n"
       "Serves IMAGE as a vhost-user-blk device on the Unix socket PATH, one front end at a\n"
@@ -86,7 +89,9 @@ void PrintHelp() {
       "  info                     size, format and snapshot count, as JSON\n"
       "  flush                    makes everything written so far durable\n"
       "  help                     lists the commands\n"
-      "One control client is served at a time; lines longer than 4096 bytes are refused.\n"
+      "One control client is served at a time (others get 'error busy'); one that stays\n"
+      "silent for --control-idle-timeout seconds is disconnected. Lines longer than 4096\n"
+      "bytes are refused.\n"
       "\n"
       "QEMU example:\n"
       "  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \\\n"
@@ -155,6 +160,13 @@ int RunServe(const std::vector<std::string>& args) {
   so.log = [](const std::string& line) { std::fprintf(stderr, "kvblk serve: %s\n", line.c_str()); };
   if (a.Has("control") && a.Get("control").empty())
     return Fail(kCmd, "--control must not be empty");
+  int control_idle_ms = ControlServerOptions{}.idle_timeout_ms;
+  if (a.Has("control-idle-timeout")) {
+    Result<int64_t> n =
+        ParseInteger(a.Get("control-idle-timeout"), 1, 86400, "--control-idle-timeout");
+    if (!n.ok()) return Fail(kCmd, n.status());
+    control_idle_ms = static_cast<int>(*n * 1000);
+  }
 
   Result<std::unique_ptr<BlockDevice>> disk = OpenImage(pos[0], open_opts);
   if (!disk.ok()) return Fail(kCmd, disk.status());
@@ -172,6 +184,7 @@ int RunServe(const std::vector<std::string>& args) {
     ControlServerOptions co;
     co.socket_path = a.Get("control");
     co.log = so.log;
+    co.idle_timeout_ms = control_idle_ms;
     VhostUserServer* vs = server->get();
     co.on_resized = [vs] { vs->NotifyConfigChange(); };
     Result<std::unique_ptr<ControlServer>> c =

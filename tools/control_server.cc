@@ -9,6 +9,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <sstream>
@@ -206,6 +208,10 @@ Result<int> Listen(const std::string& path) {
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Start(BlockDevice& disk, EventLoop& home,
                                                             ControlServerOptions opts) {
+  if (opts.idle_timeout_ms <= 0) {
+    return Status::InvalidArgument("control server: idle timeout must be positive, not " +
+                                   std::to_string(opts.idle_timeout_ms) + " ms");
+  }
   Result<int> fd = Listen(opts.socket_path);
   if (!fd.ok()) return fd.status();
   int stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -277,10 +283,23 @@ void ControlServer::ServeClient(int fd) {
   std::string pending;      // bytes of the current line so far
   bool discarding = false;  // inside an over-long line
   char buf[4096];
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point last_heard = Clock::now();
   for (;;) {
     pollfd fds[3] = {{fd, POLLIN, 0}, {listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    if (poll(fds, 3, -1) < 0) {
+    const auto idle = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() -
+                                                                            last_heard);
+    const int left = opts_.idle_timeout_ms - static_cast<int>(std::min<int64_t>(
+                                                 idle.count(), opts_.idle_timeout_ms));
+    int r = poll(fds, 3, left);
+    if (r < 0) {
       if (errno == EINTR) continue;
+      return;
+    }
+    if (r == 0) {
+      const int secs = (opts_.idle_timeout_ms + 999) / 1000;
+      SendAll(fd, ErrorReply("idle for " + std::to_string(secs) + " s, disconnecting") + "\n");
+      Log("disconnected an idle client");
       return;
     }
     if (fds[2].revents != 0) return;
@@ -296,6 +315,7 @@ void ControlServer::ServeClient(int fd) {
     ssize_t n = recv(fd, buf, sizeof(buf), 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) return;  // hung up (an unterminated last line is dropped)
+    last_heard = Clock::now();
     for (ssize_t i = 0; i < n; ++i) {
       const char c = buf[i];
       if (c != '\n') {
@@ -320,6 +340,7 @@ void ControlServer::ServeClient(int fd) {
       std::string reply = Execute(pending);
       pending.clear();
       if (!SendAll(fd, reply + "\n")) return;
+      last_heard = Clock::now();  // a long command does not count as idleness
     }
   }
 }

@@ -9,7 +9,10 @@
 //   resize [+]SIZE         info            flush            help
 // An over-long line is answered with an error and skipped up to its
 // newline. One client is served at a time; another one that connects
-// meanwhile gets "error busy: ..." and is disconnected.
+// meanwhile gets "error busy: ..." and is disconnected. A client that sends
+// nothing for idle_timeout_ms (while no command of its own is running) gets
+// "error idle for N s, disconnecting" and is disconnected, so one silent
+// client cannot hold the socket for good.
 //
 // Threads: the server has its own thread with its own EventLoop (installed
 // with EventLoop::SetCurrent). Commands run there with RunSync; the device
@@ -45,6 +48,8 @@ struct ControlServerOptions {
   // Called on the control thread after a resize succeeded (kvblk serve tells
   // the front end, which tells the guest). May be empty.
   std::function<void()> on_resized;
+  // How long a connected client may stay silent (milliseconds, > 0).
+  int idle_timeout_ms = 60'000;
 };
 
 class ControlServer {

@@ -176,20 +176,46 @@ check "qemu-img check is clean" qemu-img check "$IMG"
 # A raw image: snapshots refused with a clear message, info still works.
 RAW=$T/disk.raw
 qemu-img create -q -f raw "$RAW" 16M
-setsid "$KVBLK" serve --socket "$T/vhost2.sock" --control "$T/ctl.sock" "$RAW" \
-  >"$T/serve2.log" 2>&1 &
+setsid "$KVBLK" serve --socket "$T/vhost2.sock" --control "$T/ctl.sock" \
+  --control-idle-timeout 1 "$RAW" >"$T/serve2.log" 2>&1 &
 SERVE2=$!
 PIDS+=("$SERVE2")
 if wait_for 20 test -S "$T/ctl.sock"; then
   expect_replies "raw image: snapshot commands are refused clearly" \
     "error 'snapshot-(create|list)' needs a qcow2 image.*" "snapshot-create x" snapshot-list
   expect_replies "raw image: info and flush work" 'ok.*' info flush
+  # A silent client is told and disconnected after the idle timeout (1 s
+  # here), and the next client is served.
+  timeout 30 python3 - "$T/ctl.sock" >"$T/.evidence" 2>&1 <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+print(f.readline().decode().rstrip("\n"))
+print("eof" if f.readline() == b"" else "more")
+PY
+  if [ "$(cat "$T/.evidence")" = "$(printf 'error idle for 1 s, disconnecting\neof')" ]; then
+    pass "a silent control client is disconnected after --control-idle-timeout"
+  else
+    fail "a silent control client is disconnected after --control-idle-timeout"
+  fi
+  expect_replies "the next control client is served after an idle one was dropped" 'ok' flush
 else
   cp "$T/serve2.log" "$T/.evidence"
   fail "serve on a raw image listens on the control socket"
 fi
 kill -TERM "$SERVE2"
 wait_for 30 sh -c "! kill -0 $SERVE2" && wait "$SERVE2" 2>/dev/null
+
+"$KVBLK" serve --socket "$T/v3.sock" --control "$T/c3.sock" --control-idle-timeout 0 "$RAW" \
+  >"$T/.evidence" 2>&1
+rc=$?
+if [ "$rc" -ne 0 ] && grep -q -- '--control-idle-timeout' "$T/.evidence" && [ ! -e "$T/v3.sock" ]; then
+  pass "serve refuses --control-idle-timeout 0 with a message naming the option"
+else
+  fail "serve refuses --control-idle-timeout 0 with a message naming the option"
+fi
 
 echo "# $checks checks, $failures failed"
 [ "$failures" -eq 0 ]

@@ -8,9 +8,13 @@ Backends, each driven by the same fio job:
          (build/perf/fio-vhost-user.so plays the VMM)
   serve  `kvblk serve` over vhost-user-blk, when build/kvblk has `serve`
 
-Every backend uses O_DIRECT (cache=none) and io_uring. Results go to
-perf/results/<date>.json, perf/results/latest.md and a PNG chart. Called by
-perf/bench.sh, which builds everything first; see docs/bench.md.
+Every backend uses O_DIRECT (cache=none) and io_uring. Besides the matrix:
+an L2-cache ablation (the mixed job through kvblk's disk layer with the
+smallest L2 cache kvblk allows, 32 tables, and a covering cache) and, when
+the build can open them, images with extended L2 entries (subclusters).
+Results go to perf/results/<date>.json, perf/results/latest.md and a PNG
+chart. Called by perf/bench.sh, which builds everything first; see
+docs/bench.md.
 """
 
 import argparse
@@ -40,6 +44,10 @@ PRE_SIZE = 1 * GiB
 EMPTY_SIZE = 4 * GiB
 MIX_SIZE = 256 * MiB
 BIG_SIZE = 8 * GiB
+# The L2-cache ablation's random groups read and write 64 GiB images with
+# preallocated metadata: 128 L2 tables at 64 KiB clusters, so 32 tables
+# reach a quarter of the disk (the mixed job's own images fit in 32 tables).
+ABL_SIZE = 64 * GiB
 
 
 def group(name, image, rw, bs, iodepth, **extra):
@@ -69,6 +77,26 @@ JOBS = [
 ]
 QUICK_SKIP = set()  # the quick run has every job, at one cluster size
 
+# Extended L2 entries (subclusters): the layouts and the jobs they run.
+# Full run: both cluster sizes for EXT_JOBS; quick: 64 KiB, EXT_JOBS_QUICK.
+EXT_CLUSTERS = [64 * KiB, 2 * MiB]
+EXT_JOBS = {"randread-4k-qd32", "randwrite-4k-qd32", "randwrite-4k-qd32-empty",
+            "seqwrite-1M-qd8"}
+EXT_JOBS_QUICK = {"randwrite-4k-qd32-empty"}
+
+# The L2-cache ablation: the mixed job through kvblk's disk layer, every group
+# with the same L2 cache size, in tables of one cluster each. kvblk has no
+# uncached mode: its TableCache keeps at least 2 tables, so "min" is 2.
+ABLATION_JOB = "l2-ablation"
+ABLATION_CLUSTER = 64 * KiB
+ABLATION_SETTINGS = [("min", 2), ("32", 32), ("cover", None)]
+ABLATION_GROUPS = [
+    group("mixed/seq-128k-qd4", "mix-seq", "read", "128k", 4),
+    group("mixed/randrw-4k-qd8", "abl-rand", "randrw", "4k", 8, rwmixread=70),
+    group("mixed/randread-4k-qd8", "abl-big", "randread", "4k", 8),
+    group("mixed/fsync-4k-qd1", "mix-sync", "randwrite", "4k", 1, fsync=1),
+]
+
 
 def log(msg):
     print(msg, flush=True)
@@ -85,10 +113,16 @@ def human_size(n):
     return str(n)
 
 
-def l2_covering(size, cluster):
-    """L2 cache bytes that cover the whole disk (8 bytes per cluster)."""
-    need = -(-size // cluster) * 8
+def l2_covering(size, cluster, ext=False):
+    """L2 cache bytes that cover the whole disk (8 bytes per cluster, 16
+    with extended L2 entries)."""
+    need = -(-size // cluster) * (16 if ext else 8)
     return max(2 * cluster, -(-need // cluster) * cluster)
+
+
+def layout_name(cluster, ext):
+    """"64k", "2M", "64k-ext": a cluster size and L2 entry format."""
+    return human_size(cluster) + ("-ext" if ext else "")
 
 
 def l2_small(cluster):
@@ -101,21 +135,45 @@ class Images:
 
     def __init__(self, root):
         self.root = root
+        self.trash = os.path.join(os.path.dirname(root), "trash")
         os.makedirs(root, exist_ok=True)
+        os.makedirs(self.trash, exist_ok=True)
 
-    def _create(self, path, fmt, size, cluster=None, prealloc="off", fresh=False):
+    def _discard(self, path):
+        """Moves an image out of the way; empty_trash() deletes it later.
+        Deleting a fragmented image takes minutes on a file system mounted
+        with `discard` (one synchronous discard per extent), so it must not
+        happen between two measurements."""
+        os.rename(path, os.path.join(self.trash, "%d.%d.%s" % (
+            os.getpid(), time.monotonic_ns(), os.path.basename(path))))
+
+    def empty_trash(self):
+        """Deletes discarded images in the background, at idle I/O priority
+        (a detached process: bench.py does not wait for it)."""
+        if os.listdir(self.trash):
+            subprocess.Popen(["nice", "ionice", "-c3", "sh", "-c",
+                              "rm -f \"$0\"/*", self.trash],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+
+    def _create(self, path, fmt, size, cluster=None, prealloc="off", fresh=False, ext=False):
         spec = {"fmt": fmt, "size": size, "cluster": cluster, "prealloc": prealloc}
+        if ext:
+            spec["extended_l2"] = True
         stamp = path + ".spec"
         if not fresh and os.path.exists(path) and os.path.exists(stamp):
             with open(stamp) as f:
                 if json.load(f) == spec:
                     return path
-        for p in (path, stamp):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(stamp):
+            os.unlink(stamp)
+        if os.path.exists(path):
+            self._discard(path)
         opts = []
         if fmt == "qcow2":
             opts.append("cluster_size=%d" % cluster)
+            if ext:
+                opts.append("extended_l2=on")
         if prealloc != "off":
             opts.append("preallocation=" + prealloc)
         cmd = ["qemu-img", "create", "-q", "-f", fmt]
@@ -127,24 +185,27 @@ class Images:
                 json.dump(spec, f)
         return path
 
-    def path(self, kind, fmt, cluster, fresh=False):
-        """The image of `kind` (pre, empty, mix-*, big) for a backend format."""
-        cs = human_size(cluster) if fmt == "qcow2" else "raw"
-        ext = "qcow2" if fmt == "qcow2" else "img"
-        name = os.path.join(self.root, "%s-%s.%s" % (kind, cs, ext))
-        if kind == "pre":
-            return self._create(name, fmt, PRE_SIZE, cluster, "full")
-        if kind.startswith("mix-"):
-            return self._create(name, fmt, MIX_SIZE, cluster, "full")
-        if kind == "big":
-            return self._create(name, fmt, BIG_SIZE, cluster,
-                                "metadata" if fmt == "qcow2" else "off")
+    def path(self, kind, fmt, cluster, ext=False):
+        """The image of `kind` (pre, empty, mix-*, big, abl-*) for a backend
+        format; `ext`: qcow2 with extended L2 entries."""
+        ext = ext and fmt == "qcow2"
+        cs = layout_name(cluster, ext) if fmt == "qcow2" else "raw"
+        suffix = "qcow2" if fmt == "qcow2" else "img"
+        name = os.path.join(self.root, "%s-%s.%s" % (kind, cs, suffix))
+        size = Images.size(kind)
+        if kind == "pre" or kind.startswith("mix-"):
+            return self._create(name, fmt, size, cluster, "full", ext=ext)
+        if kind == "big" or kind.startswith("abl-"):
+            return self._create(name, fmt, size, cluster,
+                                "metadata" if fmt == "qcow2" else "off", ext=ext)
         if kind == "empty":
-            return self._create(name, fmt, EMPTY_SIZE, cluster, "off", fresh=True)
+            return self._create(name, fmt, size, cluster, "off", fresh=True, ext=ext)
         raise ValueError(kind)
 
     @staticmethod
     def size(kind):
+        if kind.startswith("abl-"):
+            return ABL_SIZE
         return {"pre": PRE_SIZE, "empty": EMPTY_SIZE, "big": BIG_SIZE}.get(
             kind, MIX_SIZE)
 
@@ -260,6 +321,8 @@ def group_metrics(j):
     return {
         "iops": r["iops"] + w["iops"] + t["iops"],
         "bw_bytes": r["bw_bytes"] + w["bw_bytes"] + t["bw_bytes"],
+        "read_bw_bytes": r["bw_bytes"],
+        "write_bw_bytes": w["bw_bytes"],
         "clat_p50_us": percentile_us(main["clat_ns"], 50),
         "clat_p99_us": percentile_us(main["clat_ns"], 99),
         "total_ios": ios,
@@ -286,6 +349,30 @@ class Bench:
             log("note: %s has no 'serve' command; skipping the serve backend" % self.kvblk)
             self.backends.remove("serve")
         self.results = []
+        self.ext_l2 = (self.ext_l2_support() if args.extended_l2 != "off"
+                       else "turned off (--extended-l2 off)")
+        if self.ext_l2 != "yes" and args.extended_l2 != "off":
+            log("note: skipping the extended-L2 images: %s" % self.ext_l2)
+
+    def ext_l2_support(self):
+        """"yes" if build/kvblk can write and read back an image with
+        extended L2 entries, else why not (the fio engine and serve link the
+        same disk layer)."""
+        if not os.access(self.kvblk, os.X_OK):
+            return "no %s to ask" % self.kvblk
+        path = os.path.join(self.work, "ext-l2-probe.qcow2")
+        try:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                 "cluster_size=64k,extended_l2=on", path, "16M"])
+            r = subprocess.run([self.kvblk, "io", "-c", "write -q -P 165 4k 4k",
+                                "-c", "read -q -P 165 4k 4k", "-c", "read -q -P 0 0 4k", path],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        if r.returncode == 0:
+            return "yes"
+        return "this build cannot use them (%s)" % (r.stdout.strip().splitlines() or ["?"])[-1]
 
     def has_serve(self):
         self.serve_l2 = False
@@ -296,21 +383,39 @@ class Bench:
         self.serve_l2 = "--l2-cache-size" in r.stdout
         return r.returncode == 0
 
-    def cluster_sizes(self, job):
+    def layouts(self, job):
+        """(cluster, extended_l2) pairs the job runs at."""
         if "cluster_sizes" in job:
-            return job["cluster_sizes"]
-        return [64 * KiB] if self.args.quick else [64 * KiB, 2 * MiB]
+            out = [(c, False) for c in job["cluster_sizes"]]
+        else:
+            out = [(c, False) for c in ([64 * KiB] if self.args.quick else [64 * KiB, 2 * MiB])]
+        if self.args.extended_l2 == "off" or self.ext_l2 != "yes":
+            return out
+        if job["name"] in (EXT_JOBS_QUICK if self.args.quick else EXT_JOBS):
+            out += [(c, True) for c in ([64 * KiB] if self.args.quick else EXT_CLUSTERS)]
+        if self.args.extended_l2 == "only":
+            out = [lo for lo in out if lo[1]]
+        return out
 
-    def run_job(self, job, backend, cluster):
+    def run_job(self, job, backend, cluster, ext=False, l2_tables=None, ablation=None):
+        """One fio run of `job` on `backend`. l2_tables: every group's L2
+        cache in tables (0 = covering) instead of the job's own sizes."""
         tag = "%s.%s.%s" % (job["name"], backend,
-                            "raw" if backend == "raw" else human_size(cluster))
+                            "raw" if backend == "raw" else layout_name(cluster, ext))
+        if ablation:
+            tag += "." + ablation
         fmt = "raw" if backend == "raw" else "qcow2"
         groups = []
         for g in job["groups"]:
             g = dict(g)
-            g["image_path"] = self.images.path(g["image"], fmt, cluster)
+            g["image_path"] = self.images.path(g["image"], fmt, cluster, ext)
             size = Images.size(g["image"])
-            g["l2"] = l2_small(cluster) if g.get("small_l2") else l2_covering(size, cluster)
+            if l2_tables is not None:
+                g["l2"] = (l2_covering(size, cluster, ext) if l2_tables == 0
+                           else l2_tables * cluster)
+            else:
+                g["l2"] = (l2_small(cluster) if g.get("small_l2")
+                           else l2_covering(size, cluster, ext))
             groups.append(g)
         time_based = all(g["image"] != "empty" for g in groups)
         servers = []
@@ -356,6 +461,7 @@ class Bench:
         for i, g in enumerate(groups):
             res = {"job": job["name"], "group": g["name"], "backend": backend,
                    "cluster": None if backend == "raw" else cluster,
+                   "extended_l2": backend != "raw" and ext,
                    "rw": g["rw"], "bs": g["bs"], "iodepth": g["iodepth"],
                    "l2_cache": (None if backend == "raw" or
                                 (backend == "serve" and not self.serve_l2) else g["l2"]),
@@ -378,6 +484,9 @@ class Bench:
                 res["rss_source"] = "fio process peak RSS"
             res["cpu_per_kio"] = (res["cpu_s"] / (res["total_ios"] / 1000.0)
                                   if res["total_ios"] else None)
+            if ablation:
+                res["ablation"] = ablation
+                res["l2_tables"] = g["l2"] // cluster
             self.results.append(res)
             log("  %-34s %-6s %9.0f IOPS  p99 %8.1f us  %.4f cpu-s/kIO" %
                 (g["name"], backend, res["iops"], res["clat_p99_us"] or 0,
@@ -387,14 +496,23 @@ class Bench:
         jobs = [j for j in JOBS if re.search(self.args.jobs, j["name"])]
         for job in jobs:
             raw_done = False
-            for cluster in self.cluster_sizes(job):
+            for cluster, ext in self.layouts(job):
                 for backend in self.backends:
                     if backend == "raw":
                         if raw_done:
                             continue
                         raw_done = True
-                    log("%s  cluster=%s  backend=%s" % (job["name"], human_size(cluster), backend))
-                    self.run_job(job, backend, cluster)
+                    log("%s  cluster=%s  backend=%s" % (job["name"], layout_name(cluster, ext),
+                                                         backend))
+                    self.run_job(job, backend, cluster, ext)
+        if (self.args.l2_ablation and "kvblk" in self.backends and
+                re.search(self.args.jobs, ABLATION_JOB)):
+            job = {"name": ABLATION_JOB, "groups": ABLATION_GROUPS}
+            for name, tables in ABLATION_SETTINGS:
+                log("%s  cluster=%s  backend=kvblk  L2=%s" %
+                    (ABLATION_JOB, human_size(ABLATION_CLUSTER), name))
+                self.run_job(job, "kvblk", ABLATION_CLUSTER, l2_tables=tables or 0,
+                             ablation=name)
 
 
 # ---------------------------------------------------------------------------
@@ -413,18 +531,97 @@ def ratio(a, b):
     return a / b
 
 
+def layout_of(r):
+    """A matrix result's (cluster, extended_l2); cluster None for raw."""
+    return (r["cluster"], bool(r.get("extended_l2")))
+
+
+def layout_label(k):
+    """The cluster column of a table key (group, cluster, ext)."""
+    return layout_name(k[1], k[2]) if k[1] else "–"
+
+
 def rows_by_key(results):
-    """{(group, cluster): {backend: result}}, raw rows copied to every cluster."""
+    """{(group, cluster, ext): {backend: result}} of the matrix (not the
+    ablation), raw rows copied to every layout of their group."""
     table = {}
-    clusters = {}
+    layouts = {}
+    results = [r for r in results if not r.get("ablation")]
     for r in results:
         if r["cluster"] is not None:
-            clusters.setdefault(r["group"], set()).add(r["cluster"])
+            layouts.setdefault(r["group"], set()).add(layout_of(r))
     for r in results:
-        cl = [r["cluster"]] if r["cluster"] is not None else sorted(clusters.get(r["group"], [0]))
-        for c in cl:
-            table.setdefault((r["group"], c), {})[r["backend"]] = r
+        ls = ([layout_of(r)] if r["cluster"] is not None
+              else sorted(layouts.get(r["group"], [(0, False)])))
+        for c, ext in ls:
+            table.setdefault((r["group"], c, ext), {})[r["backend"]] = r
     return table
+
+
+def ablation_markdown(results):
+    """The L2-cache ablation table (empty list when it did not run)."""
+    rows = [r for r in results if r.get("ablation")]
+    if not rows:
+        return []
+    by = {}
+    for r in rows:
+        by.setdefault(r["ablation"], []).append(r)
+    order = [n for n, _ in ABLATION_SETTINGS if n in by]
+
+    def total(name, field):
+        return sum(r.get(field) or 0 for r in by[name])
+
+    def tables_desc(name):
+        if name == "cover":
+            t = max(r.get("l2_tables") or 0 for r in by[name])
+            return "covering (%d tables for the 64 GiB images)" % t
+        t = min(r.get("l2_tables") or 0 for r in by[name])
+        return "%d tables%s" % (t, " (kvblk's minimum)" if name == "min" else "")
+
+    def bw(name, prefix, field):
+        for r in by[name]:
+            if r["group"].startswith(prefix):
+                return (r.get(field) or 0) / MiB
+        return None
+
+    base = "cover" if "cover" in by else order[-1]
+    out = ["## L2-cache ablation (same run)", ""]
+    out.append(
+        "The mixed job (four groups at once, each on its own image) through kvblk's disk layer "
+        "in fio, 64 KiB clusters, with the same L2 cache size for every group. kvblk has no "
+        "uncached mode: its L2 cache keeps at least two tables (`TableCache`), and "
+        "`l2_cache_size=0` means a covering cache, so the smallest cache measured is 2 tables "
+        "(128 KiB, reaching 1 GiB of guest disk), not \"no cache\". The two random groups use "
+        "64 GiB images with preallocated metadata (128 L2 tables; 32 tables reach a quarter "
+        "of the disk; reads of never-written clusters hit holes in the host file, so an L2 "
+        "miss weighs more than on a filled disk); the sequential and fsync groups use the "
+        "mixed job's 256 MiB images, which one table covers, so the cache does not matter to "
+        "them directly, but they share the CPU with the random groups. Read and write "
+        "MiB/s are summed over the four groups; the 4k columns are the random groups alone.")
+    out.append("")
+    head = ["L2 cache per image", "read MiB/s", "write MiB/s", "read vs covering",
+            "write vs covering", "4k random read MiB/s", "4k read vs covering",
+            "seq-128k read MiB/s", "fsync-4k write MiB/s", "errors"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+
+    def rand_read(name):
+        return (bw(name, "mixed/randread", "read_bw_bytes") or 0) + \
+            (bw(name, "mixed/randrw", "read_bw_bytes") or 0)
+
+    for name in order:
+        rd, wr = total(name, "read_bw_bytes"), total(name, "write_bw_bytes")
+        errs = sum(1 for r in by[name] if r.get("error") or r.get("fio_exit"))
+        out.append("| " + " | ".join([
+            tables_desc(name), fmt_num(rd / MiB, 1), fmt_num(wr / MiB, 1),
+            fmt_num(ratio(rd, total(base, "read_bw_bytes")), 2),
+            fmt_num(ratio(wr, total(base, "write_bw_bytes")), 2),
+            fmt_num(rand_read(name), 1), fmt_num(ratio(rand_read(name), rand_read(base)), 2),
+            fmt_num(bw(name, "mixed/seq", "read_bw_bytes"), 1),
+            fmt_num(bw(name, "mixed/fsync", "write_bw_bytes"), 1),
+            str(errs)]) + " |")
+    out.append("")
+    return out
 
 
 def markdown(meta, results):
@@ -442,7 +639,13 @@ def markdown(meta, results):
     table = rows_by_key(results)
     keys = sorted(table, key=lambda k: ([j["name"] for j in JOBS].index(k[0].split("/")[0])
                                         if k[0].split("/")[0] in [j["name"] for j in JOBS]
-                                        else 99, k[0], k[1]))
+                                        else 99, k[0], k[2], k[1]))
+    ext = meta.get("extended_l2")
+    if ext is not None:
+        out.append("Extended L2 entries (`-ext` rows, images made with `qemu-img create -o "
+                   "extended_l2=on`): %s." %
+                   ("measured" if ext == "yes" else "not measured, " + ext))
+        out.append("")
     out.append("## Ratios (same run)")
     out.append("")
     out.append("IOPS ratios: higher is better for kvblk. p99 and CPU ratios: lower is better. "
@@ -463,7 +666,7 @@ def markdown(meta, results):
         b = table[k]
         raw, kv, qe, sv = (b.get(x) for x in ("raw", "kvblk", "qemu", "serve"))
         g = lambda r, f: None if r is None else r.get(f)
-        row = [k[0], human_size(k[1]) if k[1] else "–",
+        row = [k[0], layout_label(k),
                fmt_num(ratio(g(kv, "iops"), g(raw, "iops")), 2),
                fmt_num(ratio(g(kv, "iops"), g(qe, "iops")), 2),
                fmt_num(ratio(g(kv, "clat_p99_us"), g(raw, "clat_p99_us")), 2),
@@ -492,7 +695,7 @@ def markdown(meta, results):
             if r is None:
                 continue
             out.append("| " + " | ".join([
-                k[0], human_size(k[1]) if k[1] else "–", be,
+                k[0], layout_label(k), be,
                 fmt_num(r.get("iops")),
                 fmt_num(None if r.get("bw_bytes") is None else r["bw_bytes"] / MiB, 1),
                 fmt_num(r.get("clat_p50_us"), 1), fmt_num(r.get("clat_p99_us"), 1),
@@ -500,6 +703,7 @@ def markdown(meta, results):
                 fmt_num(None if r.get("peak_rss_kib") is None else r["peak_rss_kib"] / 1024.0, 1),
                 str(r.get("error", "")) if r.get("error") or r.get("fio_exit") else "0"]) + " |")
     out.append("")
+    out += ablation_markdown(results)
     return "\n".join(out)
 
 
@@ -514,13 +718,13 @@ def chart(meta, results, dat_path, png_path):
              "serve": "kvblk serve (vhost-user)"}
     order = [j["name"] for j in JOBS]
     keys = sorted(table, key=lambda k: (order.index(k[0].split("/")[0])
-                                        if k[0].split("/")[0] in order else 99, k[0], k[1]))
+                                        if k[0].split("/")[0] in order else 99, k[0], k[2], k[1]))
     with open(dat_path, "w") as f:
         f.write("# label " + " ".join(others) + "\n")
         for k in keys:
             raw = table[k].get("raw", {}).get("iops")
             vals = [ratio(table[k].get(b, {}).get("iops"), raw) for b in others]
-            label = "%s/%s" % (k[0].replace("mixed/", "mix:"), human_size(k[1]) if k[1] else "-")
+            label = "%s/%s" % (k[0].replace("mixed/", "mix:"), layout_label(k))
             f.write('"%s" %s\n' % (label, " ".join("%.4f" % v if v is not None else "?"
                                                    for v in vals)))
     plots = ", ".join("'%s' using %d:xtic(1) title '%s'" %
@@ -561,7 +765,13 @@ def main():
     ap.add_argument("--runtime", type=int, default=None,
                     help="seconds per job (default 20; 5 with --quick)")
     ap.add_argument("--backends", default="raw,kvblk,qemu,serve")
-    ap.add_argument("--jobs", default=".", help="regex on job names")
+    ap.add_argument("--jobs", default=".", help="regex on job names (the ablation is '%s')"
+                    % ABLATION_JOB)
+    ap.add_argument("--extended-l2", choices=("auto", "off", "only"), default="auto",
+                    help="images with extended L2 entries: auto (when the build opens them), "
+                         "off, or only those")
+    ap.add_argument("--no-l2-ablation", dest="l2_ablation", action="store_false",
+                    help="leave out the L2-cache ablation")
     ap.add_argument("--serve-cmd", default=None,
                     help="kvblk serve command template; {kvblk} {image} {socket} {l2} "
                          "{l2_opt} are replaced (default: $KVBLK_SERVE_CMD or '%s')" % DEFAULT_SERVE_CMD)
@@ -599,11 +809,15 @@ def main():
         "fio": capture(["fio", "--version"]),
         "qemu": capture(["qemu-storage-daemon", "--version"]),
         "kvblk_rev": capture(["git", "describe", "--always", "--dirty"]),
+        "extended_l2": bench.ext_l2,
     }
     log("kvblk bench: backends %s, %d s per job%s" %
         (",".join(bench.backends), args.runtime, ", quick" if args.quick else ""))
     t0 = time.time()
-    bench.run()
+    try:
+        bench.run()
+    finally:
+        bench.images.empty_trash()
     meta["duration_s"] = round(time.time() - t0, 1)
 
     os.makedirs(args.results, exist_ok=True)

@@ -43,25 +43,38 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--depths", required=True)
     ap.add_argument("--runtime", required=True)
+    ap.add_argument("--tests", default="read write")
+    ap.add_argument("--iothreads", type=int, default=1)
+    ap.add_argument("--load", default=None, help="load averages before / after the run")
     args = ap.parse_args()
+    tests = args.tests.split()
     depths = [int(d) for d in args.depths.split()]
 
-    print("# Queue-depth scaling, one I/O thread")
+    print("# Queue-depth scaling, %s" % ("one I/O thread" if args.iothreads == 1 else
+                                          "%d I/O threads" % args.iothreads))
     print()
     print("%s, kvblk %s, %s, %s CPUs, %s s per point. Produced by `make bench-qd` "
           "(perf/qd_scaling.sh)." % (
               datetime.date.today().isoformat(),
               capture(["git", "describe", "--always", "--dirty"]),
               capture(["fio", "--version"]), os.cpu_count(), args.runtime))
+    if args.load:
+        print()
+        print("Load average (1, 5, 15 min) before / after: %s." % args.load)
     print()
     print("kvblk: its qcow2 layer in fio (fio-kvblk.so, 64 KiB clusters, cache=none, "
           "L2 cache covering the disk). raw: a raw file with fio's io_uring engine. "
-          "Both O_DIRECT, 4 KiB blocks, one job on one thread; ratio = kvblk / raw. "
-          "p99 is the completion latency in µs.")
+          "Both O_DIRECT, 4 KiB blocks, one fio job; ratio = kvblk / raw. "
+          "p99 is the completion latency in µs.%s" %
+          ("" if args.iothreads == 1 else
+           " kvblk spreads the job's I/Os over %d I/O threads (iothreads=%d); raw uses one."
+           % (args.iothreads, args.iothreads)))
     for rw, side, title in (("randread", "read", "4 KiB random reads, fully allocated 1 GiB image"),
                             ("randwrite", "write",
                              "4 KiB random allocating writes, empty 64 GiB image "
                              "(64 KiB-aligned offsets)")):
+        if side not in tests:
+            continue
         print()
         print("## " + title)
         print()

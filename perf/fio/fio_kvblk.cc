@@ -1,34 +1,55 @@
 // fio external engine that drives kvblk's disk layer (BlockDevice) directly,
-// in the fio job's own thread: no virtio, no vhost-user, no second process.
+// in the fio process: no virtio, no vhost-user, no second process.
 //
 //   fio --ioengine=external:build/perf/fio-kvblk.so --filename=disk.qcow2
 //       [--format=qcow2|raw] [--cache=none|writeback] [--l2_cache_size=1M]
+//       [--iothreads=N]
 //
 // Each fio job (thread or process) opens the image itself on the calling
-// thread's EventLoop (EventLoop::Current() is thread-local). queue() spawns
-// one coroutine per io_u on that loop; commit() runs the loop once so the
-// I/O reaches io_uring; getevents() runs the loop until enough io_us have
-// completed. A job that writes takes an exclusive flock on the image (readers
-// a shared one): two kvblk instances allocating clusters in one qcow2 file
-// would corrupt it, so numjobs>1 writing one image fails up front — give each
-// job its own file (filename_format) instead.
+// thread's EventLoop (EventLoop::Current() is thread-local); that loop is the
+// device's home loop. queue() spawns one coroutine per io_u; commit() runs
+// the loop once so the I/O reaches io_uring; getevents() runs the loop until
+// enough io_us have completed.
 //
-// Uses only kvblk's public headers. fio's headers are C but usable from C++;
-// fio's own functions are not called (they would need C linkage).
+// iothreads=N (default 1) spreads a job's I/Os round-robin over N I/O
+// threads, each with its own EventLoop and io_uring, the way
+// `kvblk serve --iothreads N` spreads virtqueues: I/O thread 0 is the job's
+// own thread (so iothreads=1 is exactly the single-threaded path, with no
+// hop), threads 1..N-1 are LoopThreads started in init(). An io_u for
+// thread i>0 waits in a per-thread batch until commit() posts the batch to
+// that loop; there it runs like any other request on a non-home loop (cached
+// reads and overwrites stay on the thread, misses and allocations hop to the
+// home loop and back). Its completion goes to a mutex-protected list and
+// wakes the job's loop, which is the home loop and keeps running inside
+// getevents() while the job waits, so the other threads' hops home are
+// served. getevents() hands both kinds of completion to fio. iodepth is the
+// job's total: with N threads each carries about iodepth/N.
+//
+// A job that writes takes an exclusive flock on the image (readers a shared
+// one): two kvblk instances allocating clusters in one qcow2 file would
+// corrupt it, so numjobs>1 writing one image fails up front — give each job
+// its own file (filename_format) instead.
+//
+// Uses kvblk's public headers and disk/loop_thread.h (the I/O thread that
+// kvblk serve uses). fio's headers are C but usable from C++; fio's own
+// functions are not called (they would need C linkage).
 #include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "disk/loop_thread.h"
 #include "kvblk/block_device.h"
 #include "kvblk/event_loop.h"
 #include "kvblk/status.h"
@@ -51,7 +72,7 @@ struct EngineOptions {
   char* format;                 // "raw", "qcow2" or unset (probe)
   char* cache;                  // "none" or "writeback" (default)
   unsigned long long l2_cache;  // bytes; 0 = cover the whole disk
-  unsigned int iothreads;       // I/O threads per job; only 1 is supported
+  unsigned int iothreads;       // I/O threads per job, the job's own thread included
 };
 
 fio_option MakeOption(const char* name, const char* lname, fio_opt_type type, unsigned off,
@@ -77,7 +98,9 @@ fio_option g_options[] = {
                offsetof(EngineOptions, l2_cache),
                "qcow2 L2 table cache in bytes (0: cover the whole disk, up to 32M)", "0"),
     MakeOption("iothreads", "kvblk I/O threads", FIO_OPT_INT, offsetof(EngineOptions, iothreads),
-               "I/O threads per job (only 1: the job's own thread)", "1"),
+               "I/O threads per job, each with its own event loop and io_uring (1: only the "
+               "job's own thread)",
+               "1"),
     fio_option{},
 };
 
@@ -102,7 +125,10 @@ int ErrnoFor(const Status& st) {
   }
 }
 
-// Per-job state (td->io_ops_data).
+constexpr unsigned kMaxIoThreads = 64;
+
+// Per-job state (td->io_ops_data). Everything but `remote_*` is touched only
+// on the job's thread.
 struct Job {
   EngineOptions* opts = nullptr;
   struct File {
@@ -112,8 +138,23 @@ struct Job {
   std::vector<File> files;       // indexed by fio_file::fileno
   std::vector<io_u*> completed;  // done, not yet handed to fio
   std::vector<io_u*> events;     // handed out by the last getevents()
-  unsigned inflight = 0;
-  bool reported_error = false;
+  unsigned inflight = 0;         // queued and not yet in `completed`
+  std::atomic<bool> reported_error = false;  // any thread
+
+  // iothreads>1: I/O threads 1..N-1 (index i-1 here), the io_us queued for
+  // each since the last commit(), and the round-robin cursor.
+  std::vector<std::unique_ptr<kvblk::LoopThread>> threads;
+  struct Pending {
+    BlockDevice* dev;
+    io_u* u;
+  };
+  std::vector<std::vector<Pending>> pending;
+  unsigned next_thread = 0;
+  EventLoop* home = nullptr;  // the job thread's loop
+
+  // Completions on I/O threads 1..N-1, waiting for the job's thread.
+  std::mutex remote_mu;
+  std::vector<io_u*> remote_done;  // guarded by remote_mu
 };
 
 Job* GetJob(thread_data* td) { return static_cast<Job*>(td->io_ops_data); }
@@ -137,9 +178,8 @@ bool ValidateOptions(const EngineOptions* o) {
     fprintf(stderr, "fio-kvblk: format=%s: expected raw or qcow2\n", o->format);
     return false;
   }
-  if (o->iothreads != 1) {
-    fprintf(stderr, "fio-kvblk: iothreads=%u: only 1 is supported (the job's own thread)\n",
-            o->iothreads);
+  if (o->iothreads < 1 || o->iothreads > kMaxIoThreads) {
+    fprintf(stderr, "fio-kvblk: iothreads=%u: expected 1 to %u\n", o->iothreads, kMaxIoThreads);
     return false;
   }
   return true;
@@ -189,13 +229,25 @@ int Init(thread_data* td) {
   job->completed.reserve(td->o.iodepth);
   td->io_ops_data = job;
   // Create the thread's loop now, not inside the first timed I/O.
-  (void)EventLoop::Current();
+  job->home = &EventLoop::Current();
+  for (unsigned i = 1; i < o->iothreads; ++i) {
+    auto t = kvblk::LoopThread::Start();
+    if (!t.ok()) {
+      fprintf(stderr, "fio-kvblk: %s\n", t.status().ToString().c_str());
+      return 1;  // fio calls cleanup()
+    }
+    job->threads.push_back(std::move(t).value());
+  }
+  job->pending.resize(job->threads.size());
+  for (auto& p : job->pending) p.reserve(td->o.iodepth);
   return 0;
 }
 
 void Cleanup(thread_data* td) {
   Job* job = GetJob(td);
   if (job == nullptr) return;
+  // fio has reaped every io_u, so the I/O threads are idle. Close on the
+  // home loop (this thread) first, then stop the threads.
   for (auto& f : job->files) {
     if (f.dev) {
       Status st = kvblk::CloseImage(std::move(f.dev));
@@ -203,6 +255,8 @@ void Cleanup(thread_data* td) {
     }
     if (f.lock_fd >= 0) close(f.lock_fd);
   }
+  for (auto& t : job->threads) t->Stop();
+  job->threads.clear();
   delete job;
   td->io_ops_data = nullptr;
 }
@@ -281,39 +335,97 @@ kvblk::Task<Status> Submit(BlockDevice* dev, io_u* u) {
   }
 }
 
+// Sets the io_u's result; reports the job's first error. Any thread.
+void Finish(Job* job, io_u* u, const Status& st) {
+  if (st.ok()) {
+    u->error = 0;
+    u->resid = 0;
+    return;
+  }
+  u->error = ErrnoFor(st);
+  u->resid = u->xfer_buflen;
+  if (!job->reported_error.exchange(true))
+    fprintf(stderr, "fio-kvblk: %s\n", st.ToString().c_str());
+}
+
+// On an I/O thread other than the job's: starts `u` on that thread's loop;
+// its completion goes to remote_done and wakes the job's loop (only when
+// the list was empty: the job drains it all at once).
+void StartRemote(Job* job, BlockDevice* dev, io_u* u) {
+  kvblk::Spawn(Submit(dev, u), [job, u](Status st) {
+    Finish(job, u, st);
+    bool wake;
+    {
+      std::lock_guard<std::mutex> l(job->remote_mu);
+      wake = job->remote_done.empty();
+      job->remote_done.push_back(u);
+    }
+    if (wake) job->home->Wake();
+  });
+}
+
+BlockDevice* DeviceOf(Job* job, io_u* u) {
+  size_t fileno = static_cast<size_t>(u->file->fileno);
+  return fileno < job->files.size() ? job->files[fileno].dev.get() : nullptr;
+}
+
+// Posts each I/O thread's batch of queued io_us to its loop. Job's thread.
+void PostPending(Job* job) {
+  for (size_t i = 0; i < job->pending.size(); ++i) {
+    if (job->pending[i].empty()) continue;
+    std::vector<Job::Pending> batch;
+    batch.reserve(job->pending[i].capacity());
+    batch.swap(job->pending[i]);
+    job->threads[i]->loop().PostFunction([job, batch = std::move(batch)] {
+      for (const Job::Pending& p : batch) StartRemote(job, p.dev, p.u);
+    });
+  }
+}
+
+// Moves the other threads' completions to `completed`. Job's thread.
+void DrainRemote(Job* job) {
+  if (job->threads.empty()) return;
+  std::lock_guard<std::mutex> l(job->remote_mu);
+  job->inflight -= static_cast<unsigned>(job->remote_done.size());
+  job->completed.insert(job->completed.end(), job->remote_done.begin(), job->remote_done.end());
+  job->remote_done.clear();
+}
+
 fio_q_status Queue(thread_data* td, io_u* u) {
   Job* job = GetJob(td);
   fio_ro_check(td, u);
-  size_t fileno = static_cast<size_t>(u->file->fileno);
-  BlockDevice* dev = fileno < job->files.size() ? job->files[fileno].dev.get() : nullptr;
+  BlockDevice* dev = DeviceOf(job, u);
   if (dev == nullptr) {
     u->error = EBADF;
     return FIO_Q_COMPLETED;
   }
   ++job->inflight;
+  unsigned t = 0;
+  if (!job->threads.empty()) {
+    t = job->next_thread;
+    job->next_thread = t + 1 == job->threads.size() + 1 ? 0 : t + 1;
+  }
+  if (t > 0) {
+    // Started by the next commit() (the file stays open until fio has
+    // reaped its io_us, so the device outlives the request).
+    job->pending[t - 1].push_back({dev, u});
+    return FIO_Q_QUEUED;
+  }
   // The coroutine starts now and may even finish before Spawn returns (a
   // read of an unallocated cluster); either way the io_u is reported from
   // getevents().
   kvblk::Spawn(Submit(dev, u), [job, u](Status st) {
+    Finish(job, u, st);
     --job->inflight;
-    if (st.ok()) {
-      u->error = 0;
-      u->resid = 0;
-    } else {
-      u->error = ErrnoFor(st);
-      u->resid = u->xfer_buflen;
-      if (!job->reported_error) {
-        job->reported_error = true;
-        fprintf(stderr, "fio-kvblk: %s\n", st.ToString().c_str());
-      }
-    }
     job->completed.push_back(u);
   });
   return FIO_Q_QUEUED;
 }
 
-// Hands the queued requests to the kernel without waiting.
-int Commit(thread_data*) {
+// Hands the queued requests to the kernel (and to the other I/O threads)
+// without waiting.
+int Commit(thread_data* td) {
+  PostPending(GetJob(td));
   (void)EventLoop::Current().RunOnce();
   return 0;
 }
@@ -325,10 +437,13 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
   Job* job = GetJob(td);
   EventLoop& loop = EventLoop::Current();
   job->events.clear();
+  PostPending(job);  // in case fio waits without committing
+  DrainRemote(job);
   bool poll_only = min == 0 || (t != nullptr && t->tv_sec == 0 && t->tv_nsec == 0);
   if (poll_only) {
     while (job->completed.size() < max && loop.RunOnce()) {
     }
+    DrainRemote(job);
   } else {
     using Clock = std::chrono::steady_clock;
     bool timed = t != nullptr;
@@ -336,13 +451,17 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
     if (timed)
       deadline =
           Clock::now() + std::chrono::seconds(t->tv_sec) + std::chrono::nanoseconds(t->tv_nsec);
+    // A completion on another I/O thread wakes this loop (see StartRemote),
+    // so the predicate sees it without a posted function.
     loop.RunUntil([&] {
+      DrainRemote(job);
       return job->completed.size() >= min || job->inflight == 0 ||
              (timed && Clock::now() >= deadline);
     });
     // Pick up whatever else is ready, without blocking.
     while (job->completed.size() < max && loop.RunOnce()) {
     }
+    DrainRemote(job);
   }
   size_t n = std::min<size_t>(max, job->completed.size());
   job->events.assign(job->completed.begin(), job->completed.begin() + n);

@@ -48,10 +48,6 @@ Task<Result<std::unique_ptr<Qcow2Device>>> Qcow2Device::Open(std::unique_ptr<Fil
   KVBLK_CO_ASSIGN_OR_RETURN(Header h, DecodeHeader(first, file_size, file->path()));
   const std::string& path = file->path();
   bool writable = !opts.read_only && !file->read_only();
-  if (h.extended_l2()) {
-    co_return Status::NotSupported(path + ": image uses extended L2 entries (subclusters), "
-                                          "which this kvblk version does not support yet");
-  }
   if (writable && h.corrupt()) {
     co_return Status::Corruption(path + ": image is marked corrupt; it can only be opened "
                                         "read-only (repair it with 'qemu-img check -r all')");
@@ -115,6 +111,9 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
   alloc_ = std::make_unique<Allocator>(refcounts_.get(), file_.get(), cluster_bits_);
   // Pre-allocate up to 64 MiB of clusters (at least 4, at most 1024).
   if (!read_only_) alloc_->EnablePool(std::clamp<uint64_t>(kPoolBytes >> cluster_bits_, 4, 1024));
+  // Open() repaired a dirty image before we got here.
+  lazy_refcounts_ = !read_only_ && header_.lazy_refcounts();
+  marked_dirty_ = header_.dirty();
 
   // L2 cache: by default large enough to cover the whole disk, up to 32 MiB.
   uint64_t entries = uint64_t{1} << l2_bits_;
@@ -195,14 +194,26 @@ uint64_t Qcow2Device::L2Entry(const TableCache::Handle& h, uint64_t index) const
   return LoadBe64(h.data() + index * header_.l2_entry_size());
 }
 
-void Qcow2Device::SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value) {
-  // Other threads may be reading this table (TableCache::Peek).
+uint64_t Qcow2Device::L2Bitmap(const TableCache::Handle& h, uint64_t index) const {
+  if (!header_.extended_l2()) return 0;
+  return LoadBe64(h.data() + index * 16 + 8);
+}
+
+void Qcow2Device::SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value,
+                             uint64_t bitmap) {
+  // Other threads may be reading this table (TableCache::Peek); descriptor
+  // and bitmap change in one critical section.
+  const bool extended = header_.extended_l2();
   const uint64_t at = index * header_.l2_entry_size();
-  l2_cache_->Modify(h, [&](uint8_t* table) { StoreBe64(table + at, value); });
+  l2_cache_->Modify(h, [&](uint8_t* table) {
+    StoreBe64(table + at, value);
+    if (extended) StoreBe64(table + at + 8, bitmap);
+  });
 }
 
 void Qcow2Device::IoPins::Add(const Mapping& m, uint32_t cluster_bits) {
-  if (m.type == Mapping::Type::kNormal) {
+  if (m.type == Mapping::Type::kNormal ||
+      (m.type == Mapping::Type::kSubclusters && m.sub_alloc != 0)) {
     Pin(m.host >> cluster_bits);
   } else if (m.type == Mapping::Type::kCompressed) {
     uint64_t first = m.comp_offset >> cluster_bits;
@@ -211,11 +222,17 @@ void Qcow2Device::IoPins::Add(const Mapping& m, uint32_t cluster_bits) {
   }
 }
 
-Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) const {
+Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t bitmap,
+                                                 uint64_t gc) const {
   Mapping m;
+  const bool extended = header_.extended_l2();
   if (entry & kOflagCompressed) {
     if (entry & kOflagCopied) {
       return CorruptionAt(gc, "compressed cluster has the COPIED flag set");
+    }
+    if (extended && bitmap != 0) {
+      // qcow2.rst: the bitmap of a compressed cluster is reserved (0).
+      return CorruptionAt(gc, "compressed cluster has a non-zero subcluster bitmap");
     }
     int x = CompressedOffsetBits(cluster_bits_);
     uint64_t off = entry & ((uint64_t{1} << x) - 1);
@@ -226,6 +243,9 @@ Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) co
     if (off == 0) return CorruptionAt(gc, "compressed cluster at host offset 0");
     return m;
   }
+  // With extended entries bit 0 has no meaning (the bitmap says what reads
+  // as zero); it is ignored as qemu does and never written.
+  if (extended) entry &= ~kOflagZero;
   if (entry & kL2StdReservedMask) {
     return CorruptionAt(gc, "L2 entry 0x" + [&] {
       char b[32];
@@ -244,10 +264,32 @@ Result<Qcow2Device::Mapping> Qcow2Device::Decode(uint64_t entry, uint64_t gc) co
     // qcow2.rst: "With version 2 ... this is always 0".
     return CorruptionAt(gc, "L2 entry has the zero flag set in a version 2 image");
   }
+  if (extended) {
+    m.sub_alloc = SubclusterAllocBits(bitmap);
+    m.sub_zero = SubclusterZeroBits(bitmap);
+    if (m.sub_alloc & m.sub_zero) {
+      return CorruptionAt(gc, "subcluster bitmap marks a subcluster both allocated and zero");
+    }
+    if (m.sub_alloc != 0 && host == 0) {
+      return CorruptionAt(gc, "allocated subclusters without a host cluster");
+    }
+    if (m.sub_alloc == kSubclusterAll) {
+      m.type = Mapping::Type::kNormal;
+    } else if (m.sub_zero == kSubclusterAll) {
+      m.type = Mapping::Type::kZero;
+    } else if (m.sub_alloc == 0 && m.sub_zero == 0) {
+      m.type = Mapping::Type::kUnallocated;
+    } else {
+      m.type = Mapping::Type::kSubclusters;
+    }
+    return m;
+  }
   if (entry & kOflagZero) {
     m.type = Mapping::Type::kZero;
+    m.sub_zero = kSubclusterAll;
   } else if (host != 0) {
     m.type = Mapping::Type::kNormal;
+    m.sub_alloc = kSubclusterAll;
   } else {
     m.type = Mapping::Type::kUnallocated;
   }
@@ -289,9 +331,10 @@ bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
     return true;
   }
   const uint64_t at = (gc & ((uint64_t{1} << l2_bits_) - 1)) * header_.l2_entry_size();
+  const bool extended = header_.extended_l2();
   bool valid = false;
   bool hit = l2_cache_->Peek(off, [&](const uint8_t* table) {
-    Result<Mapping> r = Decode(LoadBe64(table + at), gc);
+    Result<Mapping> r = Decode(LoadBe64(table + at), extended ? LoadBe64(table + at + 8) : 0, gc);
     if (!r.ok()) return;
     valid = true;
     *m = *r;
@@ -305,7 +348,8 @@ Task<Result<Qcow2Device::Mapping>> Qcow2Device::LookupHome(uint64_t gc, IoPins* 
   if (l1i >= l1_.size()) co_return Mapping{};
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2(l1i));
   if (!h) co_return Mapping{};
-  auto m = Decode(L2Entry(h, gc & ((uint64_t{1} << l2_bits_) - 1)), gc);
+  const uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
+  auto m = Decode(L2Entry(h, idx), L2Bitmap(h, idx), gc);
   if (!m.ok()) co_return co_await SignalCorruption(m.status());
   // No suspension since the lookup: frees happen on this loop, so the
   // mapping is still current when its clusters are pinned.
@@ -335,7 +379,12 @@ Task<Status> Qcow2Device::WriteL2Table(uint64_t offset, const uint8_t* table) {
   // table can reach the disk.
   const uint64_t data_target = data_written_seq_;
   bool synced = false;
-  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq(), &synced));
+  if (lazy_refcounts_) {
+    // The refcounts may lag on disk; the dirty bit says so.
+    KVBLK_CO_RETURN_IF_ERROR(co_await MarkDirty());
+  } else {
+    KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq(), &synced));
+  }
   if (synced) data_synced_seq_ = std::max(data_synced_seq_, data_target);
   if (data_synced_seq_ < data_target) {
     KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
@@ -361,8 +410,13 @@ Task<Result<TableCache::Handle>> Qcow2Device::GetL2ForWrite(uint64_t l1_index) {
   KVBLK_CO_ASSIGN_OR_RETURN(Allocator::Run run, co_await alloc_->Allocate(1));
   uint64_t new_off = run.offset;
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(table.data(), cluster_size_, new_off));
-  // The table and its refcount must be durable before the L1 entry is.
-  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq()));
+  // The table and its refcount (with lazy refcounts: the dirty bit) must
+  // be durable before the L1 entry is.
+  if (lazy_refcounts_) {
+    KVBLK_CO_RETURN_IF_ERROR(co_await MarkDirty());
+  } else {
+    KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq()));
+  }
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await l2_cache_->Insert(new_off, table.data()));
   KVBLK_CO_RETURN_IF_ERROR(co_await WriteL1Entry(l1_index, new_off | kOflagCopied));
@@ -426,6 +480,7 @@ Task<Status> Qcow2Device::CloseOnHome() {
     ExclusiveGuard f(&flush_mu_);
     if (!corrupted_) st = co_await alloc_->ReleasePool();  // no leaks on a clean close
     if (st.ok()) st = co_await FlushMetadata();
+    if (st.ok() && !corrupted_ && marked_dirty_) st = co_await MarkClean();
   }
   if (corrupted_ && st.ok()) st = co_await FlushCorrupted();
   if (backing_) {
@@ -457,6 +512,33 @@ Task<Status> Qcow2Device::SignalCorruption(Status why) {
   read_only_ = true;  // no further writes to a corrupt image
   corrupted_ = true;
   co_return why;
+}
+
+Task<Status> Qcow2Device::MarkDirty() {
+  if (marked_dirty_) co_return Status::Ok();
+  header_.incompatible_features |= kIncompatDirty;
+  uint8_t buf[8];
+  StoreBe64(buf, header_.incompatible_features);
+  Status st = co_await UpdateHeaderField(72, buf, 8);
+  if (!st.ok()) {
+    header_.incompatible_features &= ~kIncompatDirty;  // as on disk, as far as we know
+    co_return st.WithContext(file_->path() + ": marking the image dirty (lazy refcounts)");
+  }
+  marked_dirty_ = true;
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Device::MarkClean() {
+  header_.incompatible_features &= ~kIncompatDirty;
+  uint8_t buf[8];
+  StoreBe64(buf, header_.incompatible_features);
+  Status st = co_await UpdateHeaderField(72, buf, 8);
+  if (!st.ok()) {
+    header_.incompatible_features |= kIncompatDirty;  // the next open repairs it
+    co_return st.WithContext(file_->path() + ": clearing the dirty bit");
+  }
+  marked_dirty_ = false;
+  co_return Status::Ok();
 }
 
 Capabilities Qcow2Device::capabilities() const {
@@ -503,16 +585,23 @@ Task<Status> Qcow2Device::PreallocateOnHome(Preallocation mode) {
     uint64_t l1i = gc >> l2_bits_;
     KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(l1i));
     uint64_t end = std::min(clusters, (l1i + 1) * entries);
+    auto empty = [&](uint64_t c) {
+      return L2Entry(h, c & (entries - 1)) == 0 && L2Bitmap(h, c & (entries - 1)) == 0;
+    };
+    // Extended L2 entries: the host cluster is reserved with no subcluster
+    // allocated, so reads still go to the backing file (or zeros), as qemu.
+    const uint64_t bitmap = header_.extended_l2() ? 0 : SubclusterBitmap(kSubclusterAll, 0);
     while (gc < end) {
-      if (L2Entry(h, gc & (entries - 1)) != 0) {
+      if (!empty(gc)) {
         ++gc;
         continue;
       }
       uint64_t n = 1;
-      while (gc + n < end && L2Entry(h, (gc + n) & (entries - 1)) == 0) ++n;
+      while (gc + n < end && empty(gc + n)) ++n;
       KVBLK_CO_ASSIGN_OR_RETURN(Allocator::Run run, co_await alloc_->Allocate(n));
       for (uint64_t i = 0; i < run.count; ++i) {
-        SetL2Entry(h, (gc + i) & (entries - 1), (run.offset + i * cluster_size_) | kOflagCopied);
+        SetL2Entry(h, (gc + i) & (entries - 1), (run.offset + i * cluster_size_) | kOflagCopied,
+                   bitmap);
       }
       if (mode == Preallocation::kFalloc || mode == Preallocation::kFull) {
         KVBLK_CO_RETURN_IF_ERROR(

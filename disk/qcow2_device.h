@@ -47,6 +47,7 @@
 #include "disk/async_lock.h"
 #include "disk/cluster_lock.h"
 #include "disk/file.h"
+#include "disk/known_zero.h"
 #include "disk/qcow2_header.h"
 #include "disk/qcow2_snapshot.h"
 #include "disk/refcount.h"
@@ -69,8 +70,9 @@ class Qcow2Device final : public BlockDevice {
   // Opens the qcow2 image in `file`. `depth` is this image's position in a
   // backing chain (0 for the top). Errors: see DecodeHeader, plus
   // Corruption for a marked-corrupt image opened writable, NotSupported for
-  // an image left dirty when opened writable (until repair exists) and for
-  // extended L2 entries, NotFound/... for a backing file.
+  // an image left dirty when opened writable (until repair exists),
+  // NotFound/... for a backing file. Images with extended L2 entries
+  // (subclusters, qcow2.rst "Extended L2 Entries") are read and written.
   static Task<Result<std::unique_ptr<Qcow2Device>>> Open(std::unique_ptr<File> file,
                                                          const OpenOptions& opts, int depth);
   ~Qcow2Device() override;
@@ -112,7 +114,10 @@ class Qcow2Device final : public BlockDevice {
   // Creates an internal snapshot of the active image (qcow2.rst,
   // "Snapshots"): the L1 table is copied, every L2 table and data cluster
   // it reaches gets one more reference, COPIED is cleared in the active
-  // tables and the new snapshot table is switched in. The ID is the
+  // tables and the new snapshot table is switched in. Unlike the other
+  // operations here, requests are held back only while that happens in
+  // memory (tables and refcount blocks are loaded beforehand, under the
+  // shared lock); the writes and syncs follow with flush_mu_ held. The ID is the
   // largest numeric ID + 1. `date_sec`/`date_nsec` 0/0 means now. Refused:
   // an empty, over-long or duplicate `name` (InvalidArgument "... a
   // snapshot named 'x' already exists"), a refcount that would exceed the
@@ -165,6 +170,11 @@ class Qcow2Device final : public BlockDevice {
   // Sets COPIED in the active L1/L2 tables exactly where the refcount
   // minus `pending` is 1, writes the changed tables and syncs.
   Task<Status> UpdateCopiedFlags(const RefDelta& pending);
+  // The two halves of UpdateCopiedFlags: the change in memory (L1 entries
+  // and cached L2 tables; returns whether the active L1 changed), and the
+  // write-back of the tables and (if `l1_dirty`) the active L1, then a sync.
+  Task<Result<bool>> SetCopiedFlagsInCache(const RefDelta& pending);
+  Task<Status> WriteCopiedFlags(bool l1_dirty);
   // Adds one reference for each cluster of the L1 table of `entries` entries
   // at `offset` (none for an empty table).
   void AddL1TableRefs(uint64_t offset, uint32_t entries, RefDelta* refs) const;
@@ -202,14 +212,22 @@ class Qcow2Device final : public BlockDevice {
   Refcounts& refcounts() { return *refcounts_; }
 
  private:
-  // How one guest cluster is mapped (decoded L2 entry).
+  // How one guest cluster is mapped (decoded L2 entry). With extended L2
+  // entries the type sums up the subcluster bitmap: kNormal = every
+  // subcluster allocated, kZero = every one reads as zero, kUnallocated =
+  // none allocated nor zero (`host` may still name a reserved cluster),
+  // kSubclusters = a mix, read subcluster by subcluster.
   struct Mapping {
-    enum class Type : uint8_t { kUnallocated, kZero, kNormal, kCompressed };
+    enum class Type : uint8_t { kUnallocated, kZero, kNormal, kCompressed, kSubclusters };
     Type type = Type::kUnallocated;
     uint64_t host = 0;      // normal: cluster offset; zero: kept allocation or 0
     bool copied = false;    // refcount is exactly 1: writable in place
     uint64_t comp_offset = 0;  // compressed: byte offset and length on disk
     uint64_t comp_length = 0;
+    // Subclusters allocated / reading as zeros (extended L2 bitmap; for
+    // standard entries all or nothing by type).
+    uint32_t sub_alloc = 0;
+    uint32_t sub_zero = 0;
   };
 
   // Host clusters with data I/O in flight for one request (see Allocator::
@@ -275,9 +293,20 @@ class Qcow2Device final : public BlockDevice {
   Task<Result<TableCache::Handle>> GetL2ForWrite(uint64_t l1_index);
   Task<Status> WriteL1Entry(uint64_t l1_index, uint64_t value);
   Task<Status> WriteL2Table(uint64_t offset, const uint8_t* table);
-  Result<Mapping> Decode(uint64_t entry, uint64_t guest_cluster) const;
+  // Decodes L2 entry `entry` with subcluster bitmap `bitmap` (0 for
+  // standard entries) of guest cluster `guest_cluster`. Corruption (not yet
+  // signalled) for reserved bits, a misaligned host offset, and with
+  // extended entries a subcluster both allocated and zero, allocated
+  // subclusters without a host cluster or a compressed cluster with a
+  // non-zero bitmap.
+  Result<Mapping> Decode(uint64_t entry, uint64_t bitmap, uint64_t guest_cluster) const;
+  // The descriptor / the subcluster bitmap (0 for standard entries) of entry
+  // `index` of table `h`.
   uint64_t L2Entry(const TableCache::Handle& h, uint64_t index) const;
-  void SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value);
+  uint64_t L2Bitmap(const TableCache::Handle& h, uint64_t index) const;
+  // Sets entry `index` to descriptor `value` and, with extended L2 entries,
+  // subcluster bitmap `bitmap` (ignored for standard entries).
+  void SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t value, uint64_t bitmap);
   // Any thread: the mapping of guest cluster `gc` if its L2 table is cached
   // (pinning its host clusters into `pins` when not null); false on a miss
   // or an entry that needs the home loop's attention (it may be corrupt).
@@ -324,8 +353,50 @@ class Qcow2Device final : public BlockDevice {
   // Whether cluster-mapping `m` reads as zeros from guest offset `pos` to
   // the end of its cluster.
   bool ReadsAsZero(const Mapping& m, uint64_t pos) const;
-  // Queues the host clusters an old L2 entry referenced for freeing.
-  void FreeOldEntry(uint64_t entry, uint64_t gc, uint64_t keep_host);
+  // Queues the host clusters an old L2 entry (descriptor and bitmap)
+  // referenced for freeing, except `keep_host`.
+  void FreeOldEntry(uint64_t entry, uint64_t bitmap, uint64_t gc, uint64_t keep_host);
+
+  // --- subclusters (qcow2_subcluster.cc; extended L2 entries only) ---
+  // Whether guest bytes [pos, pos + len) of the one cluster mapped by `m`
+  // may be written in place: COPIED and every subcluster they touch
+  // allocated (standard entries: COPIED normal clusters).
+  bool WritableInPlace(const Mapping& m, uint64_t pos, uint64_t len) const;
+  // Reads guest bytes [pos, pos + total(iov)) of one kSubclusters cluster,
+  // each subcluster from the host, as zeros or from the backing file.
+  Task<Status> ReadSubclusters(const Mapping& m, uint64_t pos, const std::vector<iovec>& iov);
+  // Home loop, image_lock_ shared: writes `data` at guest `pos` (within one
+  // cluster, len = total(data)), allocating only the subclusters it touches:
+  // into the cluster's own host cluster when it is COPIED, else into a new
+  // host cluster (a shared or compressed cluster's data is copied whole).
+  // Copy-on-write fills only the partial subclusters at the edges. Takes the
+  // cluster lock; returns the bytes done (len), or 0 when the range turned
+  // out to be writable in place.
+  Task<Result<size_t>> SubclusterWrite(uint64_t pos, size_t len, const std::vector<iovec>& data);
+  // Home loop: SubclusterWrite over each cluster of [pos, pos + total(data))
+  // in turn (one hop for a run of clusters). Returns the bytes done; stops
+  // early (fewer bytes, 0 for the first cluster) where a cluster turned out
+  // to be writable in place.
+  Task<Result<size_t>> SubclusterWriteRun(uint64_t pos, const std::vector<iovec>& data);
+  // Home loop, image_lock_ shared: zeroes (`discard` false) or discards the
+  // subclusters `mask` of guest cluster `gc` in the bitmap. Zeroing sets
+  // their zero bits; discarding clears their allocation and sets the zero
+  // bits only over a backing file. A host cluster left with no allocated
+  // subcluster is freed when `may_unmap` (discard implies it). `*done` is
+  // false when the cluster is compressed (the caller writes zeros instead;
+  // a discard just skips it).
+  Task<Status> ZeroSubclusters(uint64_t gc, uint32_t mask, bool discard, bool may_unmap,
+                               bool* done);
+  // Zeroes or discards guest bytes [pos, end) within one cluster (not the
+  // whole cluster): subcluster-aligned parts in the bitmap, the unaligned
+  // rest written as zeros (write zeroes) or left alone (discard).
+  Task<Status> ZeroOrDiscardPartial(uint64_t pos, uint64_t end, bool discard, bool may_unmap);
+  uint32_t subcluster_bits() const { return cluster_bits_ - 5; }
+  // Home loop: subclusters of recently allocated host clusters whose host
+  // bytes still read as zeros (see KnownZeroSubclusters and the invariant
+  // in qcow2_subcluster.cc). Bounded; losing an entry costs a zero fill.
+  static constexpr size_t kKnownZeroEntries = 65536;
+  KnownZeroSubclusters known_zero_{kKnownZeroEntries};
 
   std::unique_ptr<File> file_;
   Header header_;
@@ -349,6 +420,18 @@ class Qcow2Device final : public BlockDevice {
   // known to be synced; see WriteL2Table.
   uint64_t data_written_seq_ = 0;
   uint64_t data_synced_seq_ = 0;
+  // Lazy refcounts (compatible bit 0, on a writable image): refcount changes
+  // need not be durable before the L2 tables that depend on them. Instead,
+  // before the first such table write the image is marked dirty on disk
+  // (MarkDirty); a clean close writes the refcounts, syncs and clears the
+  // bit (MarkClean). A crash leaves the bit set and the next writable open
+  // rebuilds the refcounts from the tables (RepairRefcountsIfDirty).
+  bool lazy_refcounts_ = false;
+  bool marked_dirty_ = false;  // home loop: the dirty bit is durable on disk
+  // Home loop: sets the dirty bit in the header and syncs it (once).
+  Task<Status> MarkDirty();
+  // Home loop, with the refcounts durable: clears the dirty bit and syncs.
+  Task<Status> MarkClean();
 
   AsyncSharedMutex image_lock_;
   AsyncMutex l1_mu_;

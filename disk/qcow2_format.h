@@ -63,9 +63,23 @@ constexpr uint64_t kL2StdReservedMask = 0x3f000000000001feull;  // bits 1-8, 56-
 constexpr uint64_t kReftOffsetMask = 0xfffffffffffffe00ull;
 constexpr uint64_t kReftReservedMask = 0x1ffull;
 
-// Extended L2 entries: the second 64 bits hold allocation (bits 0-31) and
-// zero (bits 32-63) bitmaps of 32 subclusters.
+// Extended L2 entries (qcow2.rst, "Extended L2 Entries"): the second 64 bits
+// hold allocation (bits 0-31) and reads-as-zero (bits 32-63) bitmaps of 32
+// subclusters; bit x (x < 32) is subcluster x. Compressed clusters have no
+// subclusters: their bitmap is reserved and must be 0.
 constexpr int kSubclustersPerCluster = 32;
+constexpr uint32_t kSubclusterAll = 0xffffffffu;
+// The bitmap word of an extended L2 entry from its two halves.
+inline uint64_t SubclusterBitmap(uint32_t alloc, uint32_t zero) {
+  return (uint64_t{zero} << 32) | alloc;
+}
+inline uint32_t SubclusterAllocBits(uint64_t bitmap) { return static_cast<uint32_t>(bitmap); }
+inline uint32_t SubclusterZeroBits(uint64_t bitmap) { return static_cast<uint32_t>(bitmap >> 32); }
+// Bits first .. last (inclusive, both < 32) set.
+inline uint32_t SubclusterRange(uint32_t first, uint32_t last) {
+  const uint32_t upto = last >= 31 ? kSubclusterAll : ((1u << (last + 1)) - 1);
+  return upto & ~((1u << first) - 1);
+}
 
 // Compressed cluster descriptor: host offset in bits [0, x), additional
 // 512-byte sector count in bits [x, 62), where x = 62 - (cluster_bits - 8).

@@ -70,6 +70,8 @@ Task<Status> Qcow2Device::ReadMapped(const Mapping& m, uint64_t pos,
     case Mapping::Type::kNormal:
       co_return co_await file_->ReadV(iov.data(), static_cast<int>(iov.size()),
                                       m.host + (pos & (cluster_size_ - 1)));
+    case Mapping::Type::kSubclusters:
+      co_return co_await ReadSubclusters(m, pos, iov);
   }
   co_return Status::Ok();
 }
@@ -114,14 +116,16 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
 
 // --- writes ---------------------------------------------------------------
 
-void Qcow2Device::FreeOldEntry(uint64_t entry, uint64_t gc, uint64_t keep_host) {
-  auto m = Decode(entry, gc);
+void Qcow2Device::FreeOldEntry(uint64_t entry, uint64_t bitmap, uint64_t gc,
+                               uint64_t keep_host) {
+  auto m = Decode(entry, bitmap, gc);
   if (!m.ok()) return;  // an invalid old entry references nothing we may free
   if (m->type == Mapping::Type::kCompressed) {
     uint64_t first = m->comp_offset >> cluster_bits_;
     uint64_t last = (m->comp_offset + m->comp_length - 1) >> cluster_bits_;
     alloc_->DeferFree(first << cluster_bits_, last - first + 1);
   } else if (m->host != 0 && m->host != keep_host) {
+    known_zero_.Forget(m->host);  // it may be handed out (and written) again
     alloc_->DeferFree(m->host, 1);
   }
 }
@@ -189,8 +193,10 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
   for (uint64_t i = 0; i < k; ++i) {
     uint64_t idx = (gc0 + i) & mask;
     uint64_t prev = L2Entry(h, idx);
-    SetL2Entry(h, idx, (run.offset + (i << cluster_bits_)) | kOflagCopied);
-    FreeOldEntry(prev, gc0 + i, 0);
+    uint64_t prev_bitmap = L2Bitmap(h, idx);
+    SetL2Entry(h, idx, (run.offset + (i << cluster_bits_)) | kOflagCopied,
+               SubclusterBitmap(kSubclusterAll, 0));
+    FreeOldEntry(prev, prev_bitmap, gc0 + i, 0);
   }
   co_return len;
 }
@@ -210,17 +216,18 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
       KVBLK_CO_ASSIGN_OR_RETURN(m, co_await Lookup(gc, &pins));
     }
     uint64_t k = 1;
-    if (m.type == Mapping::Type::kNormal && m.copied) {
+    if (WritableInPlace(m, pos, n)) {
       // In place: no cluster lock, merged over host-contiguous clusters
       // whose tables are cached.
       while (pos + n < end) {
         Mapping next;
         if (!TryLookupCached(gc + k, &next, &pins)) break;
-        if (next.type != Mapping::Type::kNormal || !next.copied ||
+        const size_t add = static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+        if (!WritableInPlace(next, (gc + k) << cluster_bits_, add) ||
             next.host != m.host + k * cluster_size_) {
           break;
         }
-        n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+        n += add;
         ++k;
       }
       part.clear();
@@ -228,6 +235,28 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
       KVBLK_CO_RETURN_IF_ERROR(co_await file_->WriteV(part.data(), static_cast<int>(part.size()),
                                                       m.host + (pos & (cluster_size_ - 1))));
       pos += n;
+      continue;
+    }
+    if (header_.extended_l2()) {
+      // Subclusters: allocating what each cluster's part touches, for the
+      // following clusters that are not writable in place too (one hop).
+      while (pos + n < end && k < 256) {
+        Mapping next;
+        if (!TryLookupCached(gc + k, &next, nullptr)) break;
+        const size_t add = static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+        if (WritableInPlace(next, (gc + k) << cluster_bits_, add)) break;
+        n += add;
+        ++k;
+      }
+      part.clear();
+      SliceIov(data, pos - offset, n, &part);
+      size_t done;
+      if (&EventLoop::Current() == home_) {
+        KVBLK_CO_ASSIGN_OR_RETURN(done, co_await SubclusterWriteRun(pos, part));
+      } else {
+        KVBLK_CO_ASSIGN_OR_RETURN(done, co_await OnHome(SubclusterWriteRun(pos, part)));
+      }
+      pos += done;  // short: writable in place now; go round again
       continue;
     }
     // Gather following clusters of the same L2 table that also need
@@ -273,8 +302,29 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
   // backing file, whether or not this open follows it.
   const bool has_backing = !header_.backing_file.empty();
   uint64_t entry;
+  uint64_t bitmap = 0;  // extended L2 entries only
   uint64_t keep = 0;
-  if (discard) {
+  if (header_.extended_l2()) {
+    // No zero flag: the bitmap says "reads as zero" per subcluster
+    // (qcow2.rst, "Extended L2 Entries"); version 3 is implied.
+    const uint64_t all_zero = SubclusterBitmap(0, kSubclusterAll);
+    entry = 0;
+    if (discard) {
+      bitmap = (has_backing || m.type != Mapping::Type::kUnallocated) ? all_zero : 0;
+      if (m.host == 0 && (m.type == Mapping::Type::kZero ||
+                          (m.type == Mapping::Type::kUnallocated && bitmap == 0))) {
+        co_return Status::Ok();
+      }
+    } else {
+      if (m.type == Mapping::Type::kZero && (m.host == 0 || !may_unmap)) co_return Status::Ok();
+      if (m.type == Mapping::Type::kUnallocated && !has_backing) co_return Status::Ok();
+      bitmap = all_zero;
+      if (!may_unmap && m.copied && m.host != 0 && m.type != Mapping::Type::kCompressed) {
+        entry = m.host | kOflagCopied;  // keep the allocation
+        keep = m.host;
+      }
+    }
+  } else if (discard) {
     bool allocated = m.type != Mapping::Type::kUnallocated;
     entry = (v3 && (has_backing || allocated)) ? kOflagZero : 0;
     if (m.type == Mapping::Type::kUnallocated && entry == 0) co_return Status::Ok();
@@ -298,8 +348,9 @@ Task<Status> Qcow2Device::ZeroOrDiscardCluster(uint64_t gc, bool discard, bool m
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(gc >> l2_bits_));
   uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
   uint64_t prev = L2Entry(h, idx);
-  SetL2Entry(h, idx, entry);
-  FreeOldEntry(prev, gc, keep);
+  uint64_t prev_bitmap = L2Bitmap(h, idx);
+  SetL2Entry(h, idx, entry, bitmap);
+  FreeOldEntry(prev, prev_bitmap, gc, keep);
   co_return Status::Ok();
 }
 
@@ -320,6 +371,17 @@ Task<Status> Qcow2Device::DiscardOnHome(uint64_t offset, uint64_t length) {
     // The partial last cluster of the disk counts as whole.
     uint64_t last = end == header_.size ? (end + cluster_size_ - 1) >> cluster_bits_
                                         : end >> cluster_bits_;
+    if (header_.extended_l2() && length > 0) {
+      // The partial clusters at the edges, subcluster by subcluster.
+      const uint64_t head_end = std::min(end, first << cluster_bits_);
+      if (offset < head_end) {
+        KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardPartial(offset, head_end, true, true));
+      }
+      if (last >= first && (last << cluster_bits_) < end) {
+        KVBLK_CO_RETURN_IF_ERROR(
+            co_await ZeroOrDiscardPartial(last << cluster_bits_, end, true, true));
+      }
+    }
     for (uint64_t gc = first; gc < last; ++gc) {
       bool done;
       KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardCluster(gc, true, true, &done));
@@ -350,7 +412,12 @@ Task<Status> Qcow2Device::WriteZeroesOnHome(uint64_t offset, uint64_t length, bo
     bool whole = (pos & (cluster_size_ - 1)) == 0 &&
                  (cend == ((gc + 1) << cluster_bits_) || cend == header_.size);
     bool done = false;
-    if (whole) KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardCluster(gc, false, may_unmap, &done));
+    if (whole) {
+      KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardCluster(gc, false, may_unmap, &done));
+    } else if (header_.extended_l2()) {
+      KVBLK_CO_RETURN_IF_ERROR(co_await ZeroOrDiscardPartial(pos, cend, false, may_unmap));
+      done = true;
+    }
     if (!done) {
       std::vector<iovec> z{ZeroIovec(static_cast<size_t>(cend - pos))};
       KVBLK_CO_RETURN_IF_ERROR(co_await WriteLocked(pos, z));
@@ -378,7 +445,24 @@ Task<Result<BlockStatus>> Qcow2Device::GetBlockStatusOnHome(uint64_t offset,
   uint64_t gc = offset >> cluster_bits_;
   KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc, nullptr));
   uint64_t len = std::min(limit, (gc + 1) << cluster_bits_) - offset;
-  if (m.type != Mapping::Type::kCompressed) {
+  if (m.type == Mapping::Type::kSubclusters) {
+    // The run of subclusters in the same state, reported as a cluster of
+    // that state would be.
+    const uint32_t scb = subcluster_bits();
+    const uint32_t s = static_cast<uint32_t>((offset & (cluster_size_ - 1)) >> scb);
+    auto state = [&](uint32_t i) { return ((m.sub_alloc >> i) & 1) | (((m.sub_zero >> i) & 1) << 1); };
+    uint32_t e = s + 1;
+    while (e < kSubclustersPerCluster && state(e) == state(s)) ++e;
+    len = std::min(limit, (gc << cluster_bits_) + (uint64_t{e} << scb)) - offset;
+    Mapping sub;
+    if (state(s) & 1) {
+      sub.type = Mapping::Type::kNormal;
+      sub.host = m.host;
+    } else if (state(s) & 2) {
+      sub.type = Mapping::Type::kZero;
+    }
+    m = sub;
+  } else if (m.type != Mapping::Type::kCompressed) {
     for (uint64_t k = 1; offset + len < limit; ++k) {
       KVBLK_CO_ASSIGN_OR_RETURN(Mapping next, co_await LookupHome(gc + k, nullptr));
       if (next.type != m.type) break;
@@ -413,6 +497,8 @@ Task<Result<BlockStatus>> Qcow2Device::GetBlockStatusOnHome(uint64_t offset,
       bs.present = bs.data = true;
       bs.compressed = true;
       bs.host_file = file_->path();
+      break;
+    case Mapping::Type::kSubclusters:  // replaced above
       break;
     case Mapping::Type::kUnallocated:
       if (backing_ && offset < backing_->size()) {
@@ -454,7 +540,8 @@ Task<Status> Qcow2Device::WriteCompressedOnHome(uint64_t offset, const void* buf
   }
   ClusterLocks::Guard guard = co_await cluster_locks_.Lock(gc, 1);
   KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, co_await LookupHome(gc, nullptr));
-  if (m.type == Mapping::Type::kNormal || m.type == Mapping::Type::kCompressed) {
+  if (m.type == Mapping::Type::kNormal || m.type == Mapping::Type::kCompressed ||
+      m.sub_alloc != 0) {
     co_return Status::InvalidArgument(file_->path() + ": cluster at guest offset " +
                                       std::to_string(offset) +
                                       " is already allocated; compressed writes need an "
@@ -469,8 +556,9 @@ Task<Status> Qcow2Device::WriteCompressedOnHome(uint64_t offset, const void* buf
   uint64_t entry = host | (extra_sectors << x) | kOflagCompressed;
   uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
   uint64_t prev = L2Entry(h, idx);
-  SetL2Entry(h, idx, entry);
-  FreeOldEntry(prev, gc, 0);
+  uint64_t prev_bitmap = L2Bitmap(h, idx);
+  SetL2Entry(h, idx, entry, 0);  // compressed clusters have no subclusters
+  FreeOldEntry(prev, prev_bitmap, gc, 0);
   co_return Status::Ok();
 }
 

@@ -75,9 +75,11 @@ Task<Status> Qcow2Device::ResizeLocked(uint64_t new_size, uint64_t* zero_from, u
     const uint64_t l1i = gc >> l2_bits_;
     if (l1i < l1_.size() && (l1_[l1i] & kL1OffsetMask) != 0) {
       KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2(l1i));
-      const uint64_t entry = L2Entry(h, gc & ((uint64_t{1} << l2_bits_) - 1));
-      KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, Decode(entry, gc));
-      if (m.type == Mapping::Type::kNormal || m.type == Mapping::Type::kCompressed) {
+      const uint64_t idx = gc & ((uint64_t{1} << l2_bits_) - 1);
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, Decode(L2Entry(h, idx), L2Bitmap(h, idx), gc));
+      // Data (some allocated subcluster with extended L2 entries) past the
+      // old end must read as zeros once exposed.
+      if (m.sub_alloc != 0 || m.type == Mapping::Type::kCompressed) {
         *zero_to = std::min(new_size, (gc + 1) << cluster_bits_);
       }
     }
@@ -115,14 +117,17 @@ Task<Status> Qcow2Device::ShrinkLocked(uint64_t new_size) {
   if (first_cut != 0 && need - 1 < l1_.size() && (l1_[need - 1] & kL1OffsetMask) != 0) {
     KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2(need - 1));
     bool any = false;
-    for (uint64_t j = first_cut; j < entries && !any; ++j) any = L2Entry(h, j) != 0;
+    for (uint64_t j = first_cut; j < entries && !any; ++j) {
+      any = L2Entry(h, j) != 0 || L2Bitmap(h, j) != 0;
+    }
     if (any) {
       KVBLK_CO_ASSIGN_OR_RETURN(h, co_await GetL2ForWrite(need - 1));
       for (uint64_t j = first_cut; j < entries; ++j) {
         const uint64_t prev = L2Entry(h, j);
-        if (prev == 0) continue;
-        SetL2Entry(h, j, 0);
-        FreeOldEntry(prev, ((need - 1) << l2_bits_) + j, 0);
+        const uint64_t prev_bitmap = L2Bitmap(h, j);
+        if (prev == 0 && prev_bitmap == 0) continue;
+        SetL2Entry(h, j, 0, 0);
+        FreeOldEntry(prev, prev_bitmap, ((need - 1) << l2_bits_) + j, 0);
       }
       KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
     }

@@ -56,8 +56,9 @@ Task<Status> Qcow2Device::CountTreeRefs(const std::vector<uint64_t>& l1, bool cl
     for (uint64_t j = 0; j < entries; ++j) {
       const uint64_t entry = L2Entry(h, j);
       if (entry == 0) continue;
+      const uint64_t bitmap = L2Bitmap(h, j);
       const uint64_t gc = (i << l2_bits_) + j;
-      KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, Decode(entry, gc));
+      KVBLK_CO_ASSIGN_OR_RETURN(Mapping m, Decode(entry, bitmap, gc));
       if (m.type == Mapping::Type::kCompressed) {
         const uint64_t first = m.comp_offset >> cluster_bits_;
         const uint64_t last = (m.comp_offset + m.comp_length - 1) >> cluster_bits_;
@@ -71,7 +72,9 @@ Task<Status> Qcow2Device::CountTreeRefs(const std::vector<uint64_t>& l1, bool cl
                                        ") lies past the end of the file");
       }
       ++(*refs)[m.host >> cluster_bits_];
-      if (clear_copied && (entry & kOflagCopied)) SetL2Entry(h, j, entry & ~kOflagCopied);
+      if (clear_copied && (entry & kOflagCopied)) {
+        SetL2Entry(h, j, entry & ~kOflagCopied, bitmap);
+      }
     }
   }
   co_return Status::Ok();
@@ -119,6 +122,11 @@ Task<Status> Qcow2Device::DropRefcounts(const RefDelta& drop) {
 }
 
 Task<Status> Qcow2Device::UpdateCopiedFlags(const RefDelta& pending) {
+  KVBLK_CO_ASSIGN_OR_RETURN(bool l1_dirty, co_await SetCopiedFlagsInCache(pending));
+  co_return co_await WriteCopiedFlags(l1_dirty);
+}
+
+Task<Result<bool>> Qcow2Device::SetCopiedFlagsInCache(const RefDelta& pending) {
   auto final_rc = [&](uint64_t cluster) -> Task<Result<uint64_t>> {
     KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->Get(cluster));
     auto it = pending.find(cluster);
@@ -149,12 +157,22 @@ Task<Status> Qcow2Device::UpdateCopiedFlags(const RefDelta& pending) {
       // clusters have two paths at least); clearing is always safe.
       const bool want = rc == 1 && table_owned;
       if (want != ((entry & kOflagCopied) != 0)) {
-        SetL2Entry(h, j, want ? (entry | kOflagCopied) : (entry & ~kOflagCopied));
+        SetL2Entry(h, j, want ? (entry | kOflagCopied) : (entry & ~kOflagCopied),
+                   L2Bitmap(h, j));
       }
     }
   }
+  co_return l1_dirty;
+}
+
+Task<Status> Qcow2Device::WriteCopiedFlags(bool l1_dirty) {
   KVBLK_CO_RETURN_IF_ERROR(co_await l2_cache_->Flush());
   if (l1_dirty && !l1_.empty()) {
+    // After a live snapshot, requests run meanwhile and may copy a shared
+    // L2 table (GetL2ForWrite, under l1_mu_), writing its new L1 entry:
+    // l1_mu_ keeps that from landing between our copy of l1_ and its write.
+    co_await l1_mu_.Lock();
+    ExclusiveGuard l1_guard(&l1_mu_);
     std::vector<uint8_t> raw(l1_.size() * 8);
     for (size_t i = 0; i < l1_.size(); ++i) StoreBe64(&raw[i * 8], l1_[i]);
     KVBLK_CO_RETURN_IF_ERROR(
@@ -302,12 +320,27 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
                                       std::to_string(kMaxSnapshotNameBytes) + " bytes");
   }
   {
-    // Sync what was written so far while guest requests still run, so the
-    // flush inside the exclusive section below has little left to do.
+    // While guest requests still run: sync what was written so far, and
+    // load the L2 tables and refcount blocks the exclusive section will
+    // read (its counts are redone there), so that it does no I/O.
+    co_await image_lock_.LockShared();
+    SharedGuard warm_lock(&image_lock_);
     co_await flush_mu_.Lock();
     ExclusiveGuard early(&flush_mu_);
     KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
+    RefDelta warm;
+    KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(l1_, false, &warm));
+    KVBLK_CO_RETURN_IF_ERROR(co_await CheckRefcountRoom(warm, "create snapshot '" + name + "'"));
   }
+  // The exclusive section changes memory only: the snapshot's L1 copy, one
+  // more reference for everything the active tree reaches, COPIED cleared
+  // where clusters became shared. Requests then resume; from here on a
+  // write to a shared cluster or table copies it, so the copy stays the
+  // snapshot. flush_mu_ stays held (no other metadata operation or guest
+  // flush interleaves) while the new state is written: refcounts before the
+  // tables whose COPIED bits they justify (WriteL2Table's rule), the L1
+  // copy, then the snapshot table and the header switch. A crash before the
+  // switch leaves only leaked references.
   co_await image_lock_.LockExclusive();
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();
@@ -321,24 +354,25 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
     co_return Status::NotSupported(path + ": the image already has " +
                                    std::to_string(kMaxSnapshots) + " snapshots, the most allowed");
   }
-  KVBLK_CO_RETURN_IF_ERROR(co_await FlushMetadata());
-
-  // Every cluster the active tree reaches gets one more reference.
   RefDelta refs;
   KVBLK_CO_RETURN_IF_ERROR(co_await CountTreeRefs(l1_, false, &refs));
   KVBLK_CO_RETURN_IF_ERROR(co_await CheckRefcountRoom(refs, "create snapshot '" + name + "'"));
   std::vector<uint64_t> copy(l1_.size());
   for (size_t i = 0; i < l1_.size(); ++i) copy[i] = l1_[i] & ~kOflagCopied;
-  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(copy));
-  KVBLK_CO_RETURN_IF_ERROR(co_await RaiseRefcounts(refs));
+  for (const auto& [cluster, n] : refs) {
+    KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->Add(cluster, static_cast<int64_t>(n)));
+  }
+  KVBLK_CO_ASSIGN_OR_RETURN(bool l1_dirty, co_await SetCopiedFlagsInCache(RefDelta()));
+  const uint64_t disk_size = header_.size;
+  g.Release();  // guest requests resume
 
-  // Now shared: COPIED leaves the active tables before the snapshot is
-  // visible (a write in place would otherwise change the snapshot).
-  KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(RefDelta()));
+  KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq()));
+  KVBLK_CO_RETURN_IF_ERROR(co_await WriteCopiedFlags(l1_dirty));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(copy));
 
   Snapshot s;
   s.l1_table_offset = l1_off;
-  s.l1_size = static_cast<uint32_t>(l1_.size());
+  s.l1_size = static_cast<uint32_t>(copy.size());
   s.info.id = NextSnapshotId(snapshots_);
   s.info.name = name;
   if (date_sec == 0 && date_nsec == 0) {
@@ -351,7 +385,7 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
   s.info.date_nsec = date_nsec;
   s.info.vm_clock_nsec = vm_clock_nsec;
   s.info.vm_state_size = vm_state_size;
-  s.info.disk_size = header_.size;
+  s.info.disk_size = disk_size;
   s.info.icount = 0;  // what qemu-img snapshot -c records
   s.extra = EncodeSnapshotExtra(s.info);
   std::vector<Snapshot> snaps = snapshots_;

@@ -293,6 +293,7 @@ struct StressConfig {
   // one cluster is partly backed.
   uint64_t backing_size = 10 * kMiB + 6 * kSector;
   bool qcow2_backing = true;
+  bool extended_l2 = false;  // subclusters: cluster_size must be >= 16 KiB
   bool thread_pool = false;  // engine of every loop: thread pool, else io_uring
   int threads = 4;           // I/O threads, the home thread included
   int depth = 64;            // requests in flight per thread
@@ -476,6 +477,7 @@ std::vector<uint64_t> MakeImages(const StressConfig& c, const TempDir& dir,
   CreateOptions co;
   co.size = c.size;
   co.cluster_size = c.cluster_size;
+  co.extended_l2 = c.extended_l2;
   if (c.qcow2_backing) {
     ShOk("qemu-img convert -f raw -O qcow2 -o cluster_size=65536 " +
          ShellQuote(dir.File("base.raw")) + " " + ShellQuote(dir.File("base.qcow2")));
@@ -574,6 +576,21 @@ TEST(ConcurrencyStress, ThreadPoolThreadsWithRawBackingMatchModel) {
   c.thread_pool = true;
   c.qcow2_backing = false;
   c.seed += 500;
+  RunStress(c);
+}
+
+// Extended L2 entries with 512-byte subclusters (one per sector): partial
+// writes allocate subclusters of clusters that in-place writers, readers,
+// discards and zeroing use at the same time.
+TEST(ConcurrencyStress, UringThreadsWithSubclustersMatchModel) {
+  StressConfig c = FromEnv(80000);
+  c.ops /= 8;
+  c.extended_l2 = true;
+  c.cluster_size = 16384;
+  c.qcow2_backing = false;
+  c.hot_start = 2 * kMiB - 4 * c.cluster_size;
+  c.hot_length = 8 * c.cluster_size;
+  c.seed += 900;
   RunStress(c);
 }
 

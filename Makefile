@@ -104,13 +104,19 @@ stress: $(UNIT) all
 	KVBLK_KILL_ROUNDS=$${KVBLK_KILL_ROUNDS:-100} tests/interop/kill_test.sh $(BUILD)
 	KVBLK_STRESS_OPS=$${KVBLK_STRESS_OPS:-2000000} $(UNIT) --gtest_filter='ConcurrencyStress.*'
 
+# The fio engine for the interop scripts comes from the plain build (fio
+# cannot load one linked against the sanitized library).
 asan:
-	@$(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1
+	@$(MAKE) --no-print-directory -f perf/Makefile BUILD=build build/perf/fio-vhost-user.so
+	@KVBLK_FIO_ENGINE=$(CURDIR)/build/perf/fio-vhost-user.so \
+	  $(MAKE) --no-print-directory test BUILD=build-asan SANITIZE=address,undefined OPT=-O1
 
 # The concurrency stress test runs 8,000 operations under TSAN (its shadow
 # memory for the default 80,000 outgrows this machine's 24 GiB).
 tsan:
+	@$(MAKE) --no-print-directory -f perf/Makefile BUILD=build build/perf/fio-vhost-user.so
 	@KVBLK_STRESS_OPS=$${KVBLK_STRESS_OPS:-8000} \
+	  KVBLK_FIO_ENGINE=$(CURDIR)/build/perf/fio-vhost-user.so \
 	  TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp $$TSAN_OPTIONS" \
 	  $(MAKE) --no-print-directory test BUILD=build-tsan SANITIZE=thread OPT=-O1
 

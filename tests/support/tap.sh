@@ -50,9 +50,16 @@ tap_setup() {
 }
 
 # tap_engine BUILD: builds BUILD/perf/fio-vhost-user.so (from the repository
-# at TOP) if needed and sets ENGINE to its absolute path.
+# at TOP) if needed and sets ENGINE to its absolute path. KVBLK_FIO_ENGINE
+# names a prebuilt engine instead (sanitizer builds: fio cannot load an
+# engine linked against an ASan/TSAN libkvblk; the engine only speaks
+# vhost-user, so any build of it will do).
 tap_engine() {
   local build=$1 dir
+  if [ -n "${KVBLK_FIO_ENGINE:-}" ]; then
+    ENGINE=$(cd "$(dirname "$KVBLK_FIO_ENGINE")" && pwd)/$(basename "$KVBLK_FIO_ENGINE")
+    return 0
+  fi
   case $build in /*) dir=$build ;; *) dir=$TOP/$build ;; esac
   if ! (cd "$TOP" && make --no-print-directory -s -f perf/Makefile BUILD="$build" \
           "$build/perf/fio-vhost-user.so") >/dev/null 2>&1; then

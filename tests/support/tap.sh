@@ -57,7 +57,8 @@ tap_setup() {
 tap_engine() {
   local build=$1 dir
   if [ -n "${KVBLK_FIO_ENGINE:-}" ]; then
-    ENGINE=$(cd "$(dirname "$KVBLK_FIO_ENGINE")" && pwd)/$(basename "$KVBLK_FIO_ENGINE")
+    # (a relative path is taken from the top of the repository)
+    case $KVBLK_FIO_ENGINE in /*) ENGINE=$KVBLK_FIO_ENGINE ;; *) ENGINE=$TOP/$KVBLK_FIO_ENGINE ;; esac
     return 0
   fi
   case $build in /*) dir=$build ;; *) dir=$TOP/$build ;; esac

@@ -83,6 +83,9 @@ class Checker {
   Status CountReferences();
   void CheckRefcountBlocks(Findings* f);
   void Compare();
+  // Queues (in refcount_changes_) the clearing of stored refcounts past the
+  // end of the file that nothing references.
+  void ClearRefcountsPastEnd();
   Status CheckCopied();
   Status RepairAll();
   Status RepairLeaks();
@@ -448,6 +451,7 @@ void Checker::Compare() {
     }
   }
   result_.image_end_offset = (highest_ + 1) * cs;
+  if (mode_ != RepairMode::kNone) ClearRefcountsPastEnd();
   if (!all) return;
   // Refcounts that cannot be read, or a snapshot table to replace: the
   // header switch to a new refcount structure does both safely.
@@ -545,6 +549,22 @@ Status Checker::WritePlans(bool first_phase) {
     wrote = true;
   }
   return wrote ? file_->Sync() : Status::Ok();
+}
+
+void Checker::ClearRefcountsPastEnd() {
+  // A crash after the allocator raised refcounts for clusters past the end
+  // of the file, before the file grew over them, leaves refcounts that no
+  // check sees (qemu-img too compares only the clusters inside the file);
+  // once the file grows they turn into leaks. A repair clears them with the
+  // rest (no message and no count: no check reports them). Only the rest of
+  // the block holding the end matters: blocks wholly past it are "outside
+  // image" and make a full repair rebuild the structure.
+  const uint64_t per_block = stored_->entries_per_block();
+  const uint64_t end = (compare_clusters_ + per_block - 1) / per_block * per_block;
+  for (uint64_t c = compare_clusters_; c < end && stored_->Covered(c); ++c) {
+    const std::optional<uint64_t> stored = stored_->Get(c);
+    if (stored && *stored != 0 && refs_->Get(c) == 0) refcount_changes_.emplace_back(c, 0);
+  }
 }
 
 Status Checker::ClearHeaderBits() {

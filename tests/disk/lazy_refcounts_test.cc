@@ -205,6 +205,35 @@ TEST_F(LazyRefcounts, CrashWithRefcountsBehindIsRepairedOnWritableOpen) {
   EXPECT_EQ(after.exit_code, 0) << after.output;
 }
 
+TEST_F(LazyRefcounts, RepairClearsRefcountsPastTheEndOfTheFile) {
+  std::vector<uint8_t> a(4096, 0x44);
+  ASSERT_TRUE(RunSync(dev_->Write(0, a.data(), a.size())).ok());
+  ASSERT_TRUE(RunSync(dev_->Close()).ok());
+  // A crash after the allocator raised refcounts past the end of the file
+  // (its pool) and before the file grew: no check sees those refcounts, but
+  // they become leaks once the file grows over them.
+  std::vector<uint8_t> bytes = data_->bytes;
+  bytes.resize((bytes.size() + kCluster - 1) / kCluster * kCluster);
+  const uint64_t end = bytes.size() / kCluster;
+  for (uint64_t c = end + 2; c < end + 6; ++c) bytes[kRefBlock + 2 * c + 1] = 1;  // 16-bit BE
+  bytes[kIncompatOffset + 7] |= 1;  // dirty
+  const std::string path = Dump(bytes, "past-end.qcow2");
+  auto before = testing::Sh("qemu-img check " + path);
+  ASSERT_EQ(before.exit_code, 0) << "qemu-img is expected not to see them:\n" << before.output;
+
+  OpenOptions rw;
+  rw.format = "qcow2";
+  auto d = OpenImage(path, rw);  // repairs the dirty image
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  std::vector<uint8_t> b(4096, 0x55);
+  for (uint64_t i = 1; i < 12; ++i) {
+    ASSERT_TRUE(RunSync((*d)->Write(i * kCluster, b.data(), b.size())).ok());
+  }
+  ASSERT_TRUE(CloseImage(std::move(*d)).ok());
+  auto after = testing::Sh("qemu-img check " + path);
+  EXPECT_EQ(after.exit_code, 0) << after.output;
+}
+
 TEST_F(LazyRefcounts, ReadOnlyOpenNeverMarksTheImageDirty) {
   ASSERT_TRUE(RunSync(dev_->Close()).ok());
   events_.clear();

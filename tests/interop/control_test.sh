@@ -56,17 +56,6 @@ expect_replies() {
   fi
 }
 
-wait_for() {
-  local tries=$(($1 * 20))
-  shift
-  while [ "$tries" -gt 0 ]; do
-    if "$@" 2>/dev/null; then return 0; fi
-    sleep 0.05
-    tries=$((tries - 1))
-  done
-  return 1
-}
-
 IMG=$T/disk.qcow2
 qemu-img create -q -f qcow2 "$IMG" 256M
 

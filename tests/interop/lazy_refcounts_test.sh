@@ -19,17 +19,8 @@ set -uo pipefail
 tap_setup "${1:-build}" qemu-img qemu-io fio timeout setsid
 tap_engine "${1:-build}"
 
-wait_for() {
-  local tries=$(($1 * 20))
-  shift
-  while [ "$tries" -gt 0 ]; do
-    if "$@" 2>/dev/null; then return 0; fi
-    sleep 0.05
-    tries=$((tries - 1))
-  done
-  return 1
-}
-is_dirty() { qemu-img info "$1" 2>/dev/null | grep -q 'cleanly shut down: no'; }
+# is_dirty IMG [qemu-img info options]: the image's dirty bit is set.
+is_dirty() { qemu-img info "${@:2}" "$1" 2>/dev/null | grep -q 'cleanly shut down: no'; }
 
 # 1. A clean close.
 qemu-img create -q -f qcow2 -o lazy_refcounts=on clean.qcow2 64M
@@ -57,7 +48,15 @@ if wait_for 20 test -S "$T/v.sock"; then
     --time_based --runtime=30 >"$T/fio.log" 2>&1 &
   FIO=$!
   PIDS+=("$FIO")
-  sleep 2
+  # The kill comes once the image is marked dirty (at the first L2 table
+  # write-back, i.e. fio's first fsync), read while serve holds it (-U).
+  if wait_for 60 is_dirty killed.qcow2 -U; then
+    pass "the image is marked dirty while serve allocates"
+  else
+    tail -3 "$T/fio.log" >"$T/.evidence"
+    fail "the image is marked dirty while serve allocates"
+  fi
+  sleep 0.$((RANDOM % 10))
   kill -KILL "$SERVE"
   wait "$SERVE" 2>/dev/null
   kill -KILL -- "-$FIO" 2>/dev/null

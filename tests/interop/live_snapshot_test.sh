@@ -25,16 +25,6 @@ fi
 SEED=${KVBLK_LIVE_SEED:-$((RANDOM * 32768 + RANDOM))}
 echo "# seed $SEED (KVBLK_LIVE_SEED to repeat)"
 
-wait_for() {
-  local tries=$(($1 * 20))
-  shift
-  while [ "$tries" -gt 0 ]; do
-    if "$@" 2>/dev/null; then return 0; fi
-    sleep 0.05
-    tries=$((tries - 1))
-  done
-  return 1
-}
 
 IMG=$T/disk.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=64k "$IMG" 64M

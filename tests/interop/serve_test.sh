@@ -38,17 +38,6 @@ fails_with() {
   fi
 }
 
-# wait_for SECONDS CMD...: retries CMD until it succeeds.
-wait_for() {
-  local tries=$(($1 * 20))
-  shift
-  while [ "$tries" -gt 0 ]; do
-    if "$@" 2>/dev/null; then return 0; fi
-    sleep 0.05
-    tries=$((tries - 1))
-  done
-  return 1
-}
 
 alive() { kill -0 "$1" 2>/dev/null; }
 dead() { ! kill -0 "$1" 2>/dev/null; }

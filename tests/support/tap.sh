@@ -21,6 +21,19 @@ check() {
   if "$@" >"$T/.evidence" 2>&1; then pass "$desc"; else fail "$desc"; fi
 }
 
+# wait_for SECONDS CMD...: retries CMD (every 50 ms) until it succeeds;
+# fails after SECONDS.
+wait_for() {
+  local tries=$(($1 * 20))
+  shift
+  while [ "$tries" -gt 0 ]; do
+    if "$@" 2>/dev/null; then return 0; fi
+    sleep 0.05
+    tries=$((tries - 1))
+  done
+  return 1
+}
+
 # tap_setup BUILD TOOL...: the common start of an interop script. Sets KVBLK
 # (BUILD/kvblk, absolute), checks that each TOOL is installed, makes the temp
 # dir T (removed on exit, after killing any pid in PIDS), changes into it and

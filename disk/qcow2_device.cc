@@ -496,6 +496,13 @@ Task<Status> Qcow2Device::UpdateHeaderField(uint64_t offset, const uint8_t* byte
   co_return co_await file_->Flush();
 }
 
+Task<Status> Qcow2Device::WriteIncompatibleFeatures() {
+  // A coroutine frame keeps `buf` alive until the write has run.
+  uint8_t buf[8];
+  StoreBe64(buf, header_.incompatible_features);
+  co_return co_await UpdateHeaderField(72, buf, sizeof(buf));
+}
+
 Task<Status> Qcow2Device::RewriteHeader() {
   KVBLK_CO_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, EncodeHeader(&header_));
   co_return co_await UpdateHeaderField(0, bytes.data(), bytes.size());
@@ -504,9 +511,7 @@ Task<Status> Qcow2Device::RewriteHeader() {
 Task<Status> Qcow2Device::SignalCorruption(Status why) {
   if (!read_only_ && header_.version >= 3 && !header_.corrupt()) {
     header_.incompatible_features |= kIncompatCorrupt;
-    uint8_t buf[8];
-    StoreBe64(buf, header_.incompatible_features);
-    Status st = co_await UpdateHeaderField(72, buf, 8);
+    Status st = co_await WriteIncompatibleFeatures();
     if (!st.ok()) why = why.WithContext("(could not mark the image corrupt: " + st.message() + ")");
   }
   read_only_ = true;  // no further writes to a corrupt image
@@ -517,9 +522,7 @@ Task<Status> Qcow2Device::SignalCorruption(Status why) {
 Task<Status> Qcow2Device::MarkDirty() {
   if (marked_dirty_) co_return Status::Ok();
   header_.incompatible_features |= kIncompatDirty;
-  uint8_t buf[8];
-  StoreBe64(buf, header_.incompatible_features);
-  Status st = co_await UpdateHeaderField(72, buf, 8);
+  Status st = co_await WriteIncompatibleFeatures();
   if (!st.ok()) {
     header_.incompatible_features &= ~kIncompatDirty;  // as on disk, as far as we know
     co_return st.WithContext(file_->path() + ": marking the image dirty (lazy refcounts)");
@@ -530,9 +533,7 @@ Task<Status> Qcow2Device::MarkDirty() {
 
 Task<Status> Qcow2Device::MarkClean() {
   header_.incompatible_features &= ~kIncompatDirty;
-  uint8_t buf[8];
-  StoreBe64(buf, header_.incompatible_features);
-  Status st = co_await UpdateHeaderField(72, buf, 8);
+  Status st = co_await WriteIncompatibleFeatures();
   if (!st.ok()) {
     header_.incompatible_features |= kIncompatDirty;  // the next open repairs it
     co_return st.WithContext(file_->path() + ": clearing the dirty bit");

@@ -330,6 +330,8 @@ class Qcow2Device final : public BlockDevice {
   // changes could not be written.
   Task<Status> FlushCorrupted();
   Task<Status> UpdateHeaderField(uint64_t offset, const uint8_t* bytes, size_t len);
+  // Writes header_.incompatible_features (bytes 72..79) and syncs.
+  Task<Status> WriteIncompatibleFeatures();
   Task<Status> RewriteHeader();
   // Marks the image corrupt on disk (writable images) and returns `why`.
   Task<Status> SignalCorruption(Status why);

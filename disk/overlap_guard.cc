@@ -124,6 +124,48 @@ void OverlapGuard::Clear() {
   std::fill(seen_.begin(), seen_.end(), 0);
 }
 
+Status OverlapGuard::ReplaceWith(OverlapGuard& fresh) {
+  if (&fresh == this) return Status::Ok();
+  if (fresh.cluster_bits_ != cluster_bits_ || fresh.window_bits_ != window_bits_) {
+    return Status::InvalidArgument("overlap guard: replacement has a different geometry");
+  }
+  std::scoped_lock l(mu_, fresh.mu_);
+  ranges_ = std::move(fresh.ranges_);
+  index_ = std::move(fresh.index_);
+  fresh.ranges_.clear();
+  fresh.index_.clear();
+  for (Slot& s : cache_) s.last_used = 0;
+  std::fill(seen_.begin(), seen_.end(), 0);
+  return Status::Ok();
+}
+
+std::vector<OverlapGuard::Extent> OverlapGuard::Extents() const {
+  std::vector<Extent> out;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (uint64_t w = 0; w + 1 < index_.size(); ++w) {
+      for (size_t i = index_[w].first; i < index_[w + 1].first; ++i) {
+        const Range& r = ranges_[i];
+        out.push_back(Extent{r.kind(), (w << window_bits_) + r.start, r.count, r.refs()});
+      }
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const Extent& a, const Extent& b) {
+    return a.kind != b.kind ? a.kind < b.kind : a.first_cluster < b.first_cluster;
+  });
+  // Ranges are broken at window borders: join what continues across one.
+  std::vector<Extent> joined;
+  for (const Extent& e : out) {
+    if (!joined.empty() && joined.back().kind == e.kind && joined.back().refs == e.refs &&
+        joined.back().first_cluster + joined.back().clusters == e.first_cluster) {
+      joined.back().clusters += e.clusters;
+    } else {
+      joined.push_back(e);
+    }
+  }
+  return joined;
+}
+
 Status OverlapGuard::ApplyLocked(uint64_t host_offset, uint64_t bytes, MetadataKind kind,
                                  int64_t delta) {
   if (bytes == 0 || delta == 0) return Status::Ok();

@@ -159,6 +159,25 @@ class OverlapGuard {
   Status Remove(uint64_t host_offset, uint64_t bytes, MetadataKind kind, uint32_t refs = 1);
   // Forgets everything (e.g. before rebuilding after a failed operation).
   void Clear();
+  // Takes over the ranges of `fresh` (a guard built from scratch; same
+  // cluster_bits and window_bits, else InvalidArgument and nothing changes),
+  // in one step: a concurrent Check sees either the old ranges or the new
+  // ones, never none. `fresh` is left empty. Drops every cached bitmap.
+  Status ReplaceWith(OverlapGuard& fresh);
+
+  // What the guard protects, as maximal extents of clusters that share one
+  // kind and reference count, sorted by (kind, first cluster). Two guards
+  // protect the same clusters with the same counts exactly when their
+  // Extents() are equal (tests compare a guard kept up to date against one
+  // rebuilt from the image).
+  struct Extent {
+    MetadataKind kind;
+    uint64_t first_cluster;
+    uint64_t clusters;
+    uint32_t refs;
+    bool operator==(const Extent&) const = default;
+  };
+  std::vector<Extent> Extents() const;
 
   // Whether writing host bytes [host_offset, host_offset + bytes) would
   // touch metadata of a kind not in `ignore`: the first such cluster (lowest

@@ -107,6 +107,11 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
     header_.refcount_table_clusters = clusters;
     co_return Status::Ok();
   };
+  if (!read_only_ && opts_.overlap_check) {
+    guard_ = std::make_unique<OverlapGuard>(cluster_bits_);
+    rc.guard = guard_.get();
+    rc.refuse = [this](Status why) { return SignalCorruption(std::move(why)); };
+  }
   KVBLK_CO_ASSIGN_OR_RETURN(refcounts_, co_await Refcounts::Load(rc, file_size));
   alloc_ = std::make_unique<Allocator>(refcounts_.get(), file_.get(), cluster_bits_);
   // Pre-allocate up to 64 MiB of clusters (at least 4, at most 1024).
@@ -142,6 +147,8 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
       want = next;
     }
   }
+  // Everything the guard protects is known now (and nothing was written).
+  KVBLK_CO_RETURN_IF_ERROR(co_await RebuildOverlapGuard());
 
   // Backing file.
   if (!header_.backing_file.empty() && opts_.open_backing) {
@@ -367,8 +374,12 @@ Task<Result<Qcow2Device::Mapping>> Qcow2Device::Lookup(uint64_t gc, IoPins* pins
 Task<Status> Qcow2Device::WriteL1Entry(uint64_t l1_index, uint64_t value) {
   uint8_t buf[8];
   StoreBe64(buf, value);
-  KVBLK_CO_RETURN_IF_ERROR(
-      co_await file_->Write(buf, 8, header_.l1_table_offset + l1_index * 8));
+  const uint64_t at = header_.l1_table_offset + l1_index * 8;
+  if (Status ov = GuardCheck("L1 entry write", at, 8, KindBit(MetadataKind::kActiveL1));
+      !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
+  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(buf, 8, at));
   std::atomic_ref<uint64_t>(l1_[l1_index]).store(value, std::memory_order_release);
   co_return Status::Ok();
 }
@@ -390,6 +401,10 @@ Task<Status> Qcow2Device::WriteL2Table(uint64_t offset, const uint8_t* table) {
     KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
     data_synced_seq_ = std::max(data_synced_seq_, data_target);
   }
+  // The table may be shared with a snapshot (COPIED flags rewritten).
+  if (Status ov = GuardCheck("L2 table write", offset, cluster_size_, kIgnoreL2); !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
   co_return co_await file_->Write(table, cluster_size_, offset);
 }
 
@@ -409,6 +424,9 @@ Task<Result<TableCache::Handle>> Qcow2Device::GetL2ForWrite(uint64_t l1_index) {
   }
   KVBLK_CO_ASSIGN_OR_RETURN(Allocator::Run run, co_await alloc_->Allocate(1));
   uint64_t new_off = run.offset;
+  if (Status ov = GuardCheck("new L2 table", new_off, cluster_size_, kIgnoreNone); !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(table.data(), cluster_size_, new_off));
   // The table and its refcount (with lazy refcounts: the dirty bit) must
   // be durable before the L1 entry is.
@@ -420,7 +438,13 @@ Task<Result<TableCache::Handle>> Qcow2Device::GetL2ForWrite(uint64_t l1_index) {
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await l2_cache_->Insert(new_off, table.data()));
   KVBLK_CO_RETURN_IF_ERROR(co_await WriteL1Entry(l1_index, new_off | kOflagCopied));
-  if (old_off != 0) alloc_->DeferFree(old_off, 1);
+  // The guard follows l1_ in the same step (no suspension since the store);
+  // the old table stays protected as a snapshot's.
+  KVBLK_CO_RETURN_IF_ERROR(GuardAdd(new_off, cluster_size_, MetadataKind::kActiveL2));
+  if (old_off != 0) {
+    KVBLK_CO_RETURN_IF_ERROR(GuardRemove(old_off, cluster_size_, MetadataKind::kActiveL2));
+    alloc_->DeferFree(old_off, 1);
+  }
   co_return h;
 }
 
@@ -492,6 +516,13 @@ Task<Status> Qcow2Device::CloseOnHome() {
 }
 
 Task<Status> Qcow2Device::UpdateHeaderField(uint64_t offset, const uint8_t* bytes, size_t len) {
+  if (Status ov = GuardCheck("header write", offset, len, KindBit(MetadataKind::kHeader));
+      !ov.ok()) {
+    // Not SignalCorruption: it writes the header itself.
+    read_only_ = true;
+    corrupted_ = true;
+    co_return ov;
+  }
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(bytes, len, offset));
   co_return co_await file_->Flush();
 }
@@ -605,6 +636,11 @@ Task<Status> Qcow2Device::PreallocateOnHome(Preallocation mode) {
                    bitmap);
       }
       if (mode == Preallocation::kFalloc || mode == Preallocation::kFull) {
+        if (Status ov = GuardCheck("preallocation", run.offset, run.count * cluster_size_,
+                                   kIgnoreNone);
+            !ov.ok()) {
+          co_return co_await RefuseWrite(std::move(ov));
+        }
         KVBLK_CO_RETURN_IF_ERROR(
             co_await file_->WriteZeroes(run.offset, run.count * cluster_size_, true));
       }

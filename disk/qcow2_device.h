@@ -35,6 +35,20 @@
 //    cluster's refcount is dropped (Allocator deferred frees, applied on
 //    Flush);
 //  - nothing else is synced except on the guest's Flush.
+//
+// Metadata overlap protection (OpenOptions::overlap_check, qcow2_guard.cc):
+// on a writable image every host write is checked against guard_, which
+// knows where all metadata lives. Data writes may touch none of it; a
+// metadata write may touch only its own kind. A refused write fails with
+// IoError and marks the image corrupt (SignalCorruption). guard_ is kept
+// current two ways:
+//  - incrementally, where metadata appears or goes during normal I/O: a new
+//    or copied L2 table (GetL2ForWrite, in the same step as the l1_ store),
+//    a new refcount block or table (Refcounts, with its table_ update), the
+//    snapshot table and L1 copies a snapshot writes before requests resume;
+//  - rebuilt from the in-memory state and the snapshots' L1 tables
+//    (RebuildOverlapGuard) at open and at the end of every snapshot and
+//    resize operation, before requests that could reuse freed clusters run.
 #ifndef KVBLK_DISK_QCOW2_DEVICE_H_
 #define KVBLK_DISK_QCOW2_DEVICE_H_
 
@@ -48,6 +62,7 @@
 #include "disk/cluster_lock.h"
 #include "disk/file.h"
 #include "disk/known_zero.h"
+#include "disk/overlap_guard.h"
 #include "disk/qcow2_header.h"
 #include "disk/qcow2_snapshot.h"
 #include "disk/refcount.h"
@@ -162,6 +177,16 @@ class Qcow2Device final : public BlockDevice {
   // NotSupported naming `what` unless every cluster in `add` can take its
   // extra references within the refcount width.
   Task<Status> CheckRefcountRoom(const RefDelta& add, const std::string& what);
+  // The snapshot-and-resize operations' bodies, with image_lock_ exclusive
+  // and flush_mu_ held (the *OnHome callers rebuild the guard after them).
+  Task<Status> ApplySnapshotLocked(const std::string& name_or_id);
+  // The second half of CreateSnapshotOnHome, with flush_mu_ held and
+  // requests running: refcounts durable, COPIED flags written, the L1 copy
+  // `copy` written, the snapshot table switched.
+  Task<Status> WriteSnapshot(std::string name, std::vector<uint64_t> copy, bool l1_dirty,
+                             uint64_t disk_size, uint64_t vm_state_size, uint64_t date_sec,
+                             uint32_t date_nsec, uint64_t vm_clock_nsec);
+  Task<Status> DeleteSnapshotLocked(const std::string& name_or_id);
   // Adds `add` to the refcounts and makes them durable.
   Task<Status> RaiseRefcounts(const RefDelta& add);
   // Drops `drop` (after the tables that held the references are durable);
@@ -191,8 +216,9 @@ class Qcow2Device final : public BlockDevice {
   // Reads an L1 table of `entries` entries at `offset`.
   Task<Result<std::vector<uint64_t>>> ReadL1(uint64_t offset, uint32_t entries);
   // Allocates clusters for `l1`, writes it (zero padded) and syncs it with
-  // the refcounts. Returns its offset (0 for an empty table).
-  Task<Result<uint64_t>> WriteNewL1(const std::vector<uint64_t>& l1);
+  // the refcounts; the overlap guard protects it as `kind` from before the
+  // write. Returns its offset (0 for an empty table).
+  Task<Result<uint64_t>> WriteNewL1(const std::vector<uint64_t>& l1, MetadataKind kind);
   // Writes `snaps` as a new snapshot table (synced), switches the header to
   // it (nb_snapshots, snapshots_offset) and frees the old table.
   Task<Status> SwitchSnapshotTable(std::vector<Snapshot> snaps);
@@ -334,7 +360,41 @@ class Qcow2Device final : public BlockDevice {
   Task<Status> WriteIncompatibleFeatures();
   Task<Status> RewriteHeader();
   // Marks the image corrupt on disk (writable images) and returns `why`.
+  // Home loop.
   Task<Status> SignalCorruption(Status why);
+
+  // --- metadata overlap protection (qcow2_guard.cc) ---
+  // Any thread: Ok, or the IoError naming `what` (e.g. "data write") for a
+  // write of `bytes` at host offset `host` that would overwrite metadata of
+  // a kind not in `ignore`. Ok when protection is off.
+  Status GuardCheck(const char* what, uint64_t host, uint64_t bytes, MetadataMask ignore) const;
+  // Any loop: marks the image corrupt (on the home loop) and returns `why`,
+  // a refusal from GuardCheck.
+  Task<Status> RefuseWrite(Status why);
+  // Home loop: one more / one less reference of `kind` on the clusters of
+  // host bytes [host, host + bytes). No-ops when protection is off. An
+  // error is a bookkeeping bug (a reference that is not there).
+  Status GuardAdd(uint64_t host, uint64_t bytes, MetadataKind kind);
+  Status GuardRemove(uint64_t host, uint64_t bytes, MetadataKind kind);
+  // Home loop, with flush_mu_ held (the snapshot table cannot change): a
+  // guard built from scratch out of the header, l1_, the refcount table,
+  // the snapshot table and each snapshot's L1 table (read from disk)
+  // replaces guard_'s contents in one step.
+  Task<Status> RebuildOverlapGuard();
+  // Adds every metadata extent to `g`; `snapshot_l1s[i]` is the L1 table
+  // of snapshots_[i]. Entries that are misaligned or lie past the end of
+  // the file are left out (they are reported as corruption where used).
+  Status FillOverlapGuard(OverlapGuard* g,
+                          const std::vector<std::vector<uint64_t>>& snapshot_l1s) const;
+
+ public:
+  // Null when protection is off (read-only image or overlap_check false).
+  const OverlapGuard* overlap_guard() const { return guard_.get(); }
+  // For tests: a guard built from scratch from the image as it is now
+  // (home loop, no metadata operation running).
+  Task<Result<std::unique_ptr<OverlapGuard>>> BuildFreshOverlapGuard();
+
+ private:
   Status CorruptionAt(uint64_t gc, const std::string& what) const;
 
   // --- data path (qcow2_io.cc) ---
@@ -411,6 +471,7 @@ class Qcow2Device final : public BlockDevice {
   uint64_t cluster_size_;
   uint32_t l2_bits_;  // log2(entries per L2 table)
   std::vector<uint64_t> l1_;
+  std::unique_ptr<OverlapGuard> guard_;  // see "Metadata overlap protection"
   std::unique_ptr<Refcounts> refcounts_;
   std::unique_ptr<Allocator> alloc_;
   std::unique_ptr<TableCache> l2_cache_;

@@ -182,6 +182,10 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
     w.push_back(v[0]);
   }
   const uint64_t write_at = run.offset + (skip_head ? head : 0);
+  if (Status ov = GuardCheck("data write", run.offset, k << cluster_bits_, kIgnoreNone);
+      !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
   Status wst = co_await file_->WriteV(w.data(), static_cast<int>(w.size()), write_at);
   if (!wst.ok()) {
     alloc_->DeferFree(run.offset, k);  // nothing refers to the run: give it back
@@ -232,8 +236,12 @@ Task<Status> Qcow2Device::WriteLocked(uint64_t offset, const std::vector<iovec>&
       }
       part.clear();
       SliceIov(data, pos - offset, n, &part);
-      KVBLK_CO_RETURN_IF_ERROR(co_await file_->WriteV(part.data(), static_cast<int>(part.size()),
-                                                      m.host + (pos & (cluster_size_ - 1))));
+      const uint64_t host = m.host + (pos & (cluster_size_ - 1));
+      if (Status ov = GuardCheck("data write", host, n, kIgnoreNone); !ov.ok()) {
+        co_return co_await RefuseWrite(std::move(ov));
+      }
+      KVBLK_CO_RETURN_IF_ERROR(
+          co_await file_->WriteV(part.data(), static_cast<int>(part.size()), host));
       pos += n;
       continue;
     }
@@ -549,6 +557,10 @@ Task<Status> Qcow2Device::WriteCompressedOnHome(uint64_t offset, const void* buf
   }
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await GetL2ForWrite(gc >> l2_bits_));
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t host, co_await alloc_->AllocateBytes(packed.size()));
+  if (Status ov = GuardCheck("compressed data write", host, packed.size(), kIgnoreNone);
+      !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(packed.data(), packed.size(), host));
   ++data_written_seq_;  // synced before an L2 table mapping it is written
   const int x = CompressedOffsetBits(cluster_bits_);

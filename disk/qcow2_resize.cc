@@ -51,7 +51,10 @@ Task<Status> Qcow2Device::ResizeOnHome(uint64_t new_size, bool allow_shrink) {
     ExclusiveGuard g(&image_lock_);
     co_await flush_mu_.Lock();
     ExclusiveGuard f(&flush_mu_);
-    KVBLK_CO_RETURN_IF_ERROR(co_await ResizeLocked(new_size, &zero_from, &zero_to));
+    Status st = co_await ResizeLocked(new_size, &zero_from, &zero_to);
+    Status gs = co_await RebuildOverlapGuard();  // before requests may reuse what was freed
+    KVBLK_CO_RETURN_IF_ERROR(st);
+    KVBLK_CO_RETURN_IF_ERROR(gs);
   }
   if (zero_to > zero_from) {
     // Bytes that would otherwise show stale data: the rest of a partial last
@@ -102,7 +105,7 @@ Task<Status> Qcow2Device::ResizeLocked(uint64_t new_size, uint64_t* zero_from, u
   AddL1TableRefs(header_.l1_table_offset, header_.l1_size, &old_l1);
   std::vector<uint64_t> grown = l1_;
   grown.resize(need, 0);
-  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await WriteNewL1(grown));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await WriteNewL1(grown, MetadataKind::kActiveL1));
   KVBLK_CO_RETURN_IF_ERROR(co_await SwitchL1(new_size, grown, off));
   co_return co_await DropRefcounts(old_l1);
 }
@@ -143,7 +146,7 @@ Task<Status> Qcow2Device::ShrinkLocked(uint64_t new_size) {
   std::vector<uint64_t> kept(l1_.begin(),
                              l1_.begin() + static_cast<long>(std::min<uint64_t>(need, l1_.size())));
   kept.resize(need, 0);
-  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await WriteNewL1(kept));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await WriteNewL1(kept, MetadataKind::kActiveL1));
   KVBLK_CO_RETURN_IF_ERROR(co_await SwitchL1(new_size, kept, off));
   KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(drop));
   co_return co_await DropRefcounts(drop);

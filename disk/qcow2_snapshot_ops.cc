@@ -175,6 +175,11 @@ Task<Status> Qcow2Device::WriteCopiedFlags(bool l1_dirty) {
     ExclusiveGuard l1_guard(&l1_mu_);
     std::vector<uint8_t> raw(l1_.size() * 8);
     for (size_t i = 0; i < l1_.size(); ++i) StoreBe64(&raw[i * 8], l1_[i]);
+    if (Status ov = GuardCheck("L1 table write", header_.l1_table_offset, raw.size(),
+                               KindBit(MetadataKind::kActiveL1));
+        !ov.ok()) {
+      co_return co_await RefuseWrite(std::move(ov));
+    }
     KVBLK_CO_RETURN_IF_ERROR(
         co_await file_->Write(raw.data(), raw.size(), header_.l1_table_offset));
   }
@@ -198,7 +203,8 @@ Task<Result<std::vector<uint64_t>>> Qcow2Device::ReadL1(uint64_t offset, uint32_
   co_return l1;
 }
 
-Task<Result<uint64_t>> Qcow2Device::WriteNewL1(const std::vector<uint64_t>& l1) {
+Task<Result<uint64_t>> Qcow2Device::WriteNewL1(const std::vector<uint64_t>& l1,
+                                               MetadataKind kind) {
   if (l1.empty()) co_return uint64_t{0};
   const uint64_t bytes = l1.size() * 8;
   if (bytes > kMaxL1Bytes) {
@@ -209,10 +215,15 @@ Task<Result<uint64_t>> Qcow2Device::WriteNewL1(const std::vector<uint64_t>& l1) 
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t off, co_await alloc_->AllocateContiguous(clusters));
   std::vector<uint8_t> raw(clusters << cluster_bits_, 0);
   for (size_t i = 0; i < l1.size(); ++i) StoreBe64(&raw[i * 8], l1[i]);
+  if (Status ov = GuardCheck("new L1 table", off, raw.size(), kIgnoreNone); !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
+  KVBLK_CO_RETURN_IF_ERROR(GuardAdd(off, bytes, kind));
   Status st = co_await file_->Write(raw.data(), raw.size(), off);
   if (st.ok()) st = co_await refcounts_->EnsureDurable(refcounts_->seq());
   if (st.ok()) st = co_await file_->Flush();
   if (!st.ok()) {
+    KVBLK_CO_RETURN_IF_ERROR(GuardRemove(off, bytes, kind));
     alloc_->DeferFree(off, clusters);  // nothing refers to it
     co_return st;
   }
@@ -232,11 +243,18 @@ Task<Status> Qcow2Device::SwitchSnapshotTable(std::vector<Snapshot> snaps) {
   if (!snaps.empty()) {
     clusters = (table.size() + cluster_size_ - 1) >> cluster_bits_;
     KVBLK_CO_ASSIGN_OR_RETURN(new_off, co_await alloc_->AllocateContiguous(clusters));
+    const uint64_t bytes = table.size();
     table.resize(clusters << cluster_bits_, 0);
+    if (Status ov = GuardCheck("new snapshot table", new_off, table.size(), kIgnoreNone);
+        !ov.ok()) {
+      co_return co_await RefuseWrite(std::move(ov));
+    }
+    KVBLK_CO_RETURN_IF_ERROR(GuardAdd(new_off, bytes, MetadataKind::kSnapshotTable));
     Status st = co_await file_->Write(table.data(), table.size(), new_off);
     if (st.ok()) st = co_await refcounts_->EnsureDurable(refcounts_->seq());
     if (st.ok()) st = co_await file_->Flush();
     if (!st.ok()) {
+      KVBLK_CO_RETURN_IF_ERROR(GuardRemove(new_off, bytes, MetadataKind::kSnapshotTable));
       alloc_->DeferFree(new_off, clusters);
       co_return st;
     }
@@ -256,6 +274,9 @@ Task<Status> Qcow2Device::SwitchSnapshotTable(std::vector<Snapshot> snaps) {
   header_.snapshots_offset = new_off;
   snapshots_ = std::move(snaps);
   if (old_off != 0 && old_bytes != 0) {
+    // Unprotected before it is freed: requests running alongside a live
+    // snapshot may be handed its clusters at once.
+    KVBLK_CO_RETURN_IF_ERROR(GuardRemove(old_off, old_bytes, MetadataKind::kSnapshotTable));
     RefDelta old;
     const uint64_t n = (old_bytes + cluster_size_ - 1) >> cluster_bits_;
     for (uint64_t i = 0; i < n; ++i) old[(old_off >> cluster_bits_) + i] = 1;
@@ -363,12 +384,32 @@ Task<Status> Qcow2Device::CreateSnapshotOnHome(std::string name, uint64_t vm_sta
     KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->Add(cluster, static_cast<int64_t>(n)));
   }
   KVBLK_CO_ASSIGN_OR_RETURN(bool l1_dirty, co_await SetCopiedFlagsInCache(RefDelta()));
+  // The copy's L2 tables are the snapshot's from now on: requests that
+  // resume may copy them away from the active L1 (GetL2ForWrite), and they
+  // must stay protected.
+  for (uint64_t e : copy) {
+    const uint64_t off = e & kL1OffsetMask;
+    if (off != 0) KVBLK_CO_RETURN_IF_ERROR(GuardAdd(off, cluster_size_, MetadataKind::kInactiveL2));
+  }
   const uint64_t disk_size = header_.size;
   g.Release();  // guest requests resume
 
+  Status st = co_await WriteSnapshot(name, copy, l1_dirty, disk_size, vm_state_size, date_sec,
+                                     date_nsec, vm_clock_nsec);
+  // Whatever happened, the guard matches the image again (a failed attempt
+  // leaves extents added for structures nothing refers to).
+  Status gs = co_await RebuildOverlapGuard();
+  co_return st.ok() ? gs : st;
+}
+
+Task<Status> Qcow2Device::WriteSnapshot(std::string name, std::vector<uint64_t> copy,
+                                        bool l1_dirty, uint64_t disk_size,
+                                        uint64_t vm_state_size, uint64_t date_sec,
+                                        uint32_t date_nsec, uint64_t vm_clock_nsec) {
   KVBLK_CO_RETURN_IF_ERROR(co_await refcounts_->EnsureDurable(refcounts_->seq()));
   KVBLK_CO_RETURN_IF_ERROR(co_await WriteCopiedFlags(l1_dirty));
-  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(copy));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off,
+                            co_await WriteNewL1(copy, MetadataKind::kInactiveL1));
 
   Snapshot s;
   s.l1_table_offset = l1_off;
@@ -421,12 +462,18 @@ Task<Status> Qcow2Device::ApplySnapshot(const std::string& name_or_id) {
 }
 
 Task<Status> Qcow2Device::ApplySnapshotOnHome(std::string name_or_id) {
-  const std::string& path = file_->path();
-  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, path));
+  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, file_->path()));
   co_await image_lock_.LockExclusive();
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();
   ExclusiveGuard f(&flush_mu_);
+  Status st = co_await ApplySnapshotLocked(name_or_id);
+  Status gs = co_await RebuildOverlapGuard();  // before requests may reuse what was freed
+  co_return st.ok() ? gs : st;
+}
+
+Task<Status> Qcow2Device::ApplySnapshotLocked(const std::string& name_or_id) {
+  const std::string& path = file_->path();
   KVBLK_CO_ASSIGN_OR_RETURN(SnapshotTree tree,
                             co_await LoadSnapshotTree(name_or_id, SnapshotLookup::kIdThenName));
   const Snapshot& sn = tree.snapshot;
@@ -452,7 +499,7 @@ Task<Status> Qcow2Device::ApplySnapshotOnHome(std::string name_or_id) {
   for (uint64_t& e : new_l1) e &= ~kOflagCopied;          // shared with the snapshot
   KVBLK_CO_RETURN_IF_ERROR(co_await l2_cache_->Flush());  // COPIED cleared above
   KVBLK_CO_RETURN_IF_ERROR(co_await RaiseRefcounts(add));
-  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(new_l1));
+  KVBLK_CO_ASSIGN_OR_RETURN(uint64_t l1_off, co_await WriteNewL1(new_l1, MetadataKind::kActiveL1));
   KVBLK_CO_RETURN_IF_ERROR(co_await SwitchL1(disk_size, new_l1, l1_off));
   KVBLK_CO_RETURN_IF_ERROR(co_await UpdateCopiedFlags(drop));
   co_return co_await DropRefcounts(drop);
@@ -463,12 +510,17 @@ Task<Status> Qcow2Device::DeleteSnapshot(const std::string& name_or_id) {
 }
 
 Task<Status> Qcow2Device::DeleteSnapshotOnHome(std::string name_or_id) {
-  const std::string& path = file_->path();
-  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, path));
+  KVBLK_CO_RETURN_IF_ERROR(CheckWritableImage(closed_, read_only_, file_->path()));
   co_await image_lock_.LockExclusive();
   ExclusiveGuard g(&image_lock_);
   co_await flush_mu_.Lock();
   ExclusiveGuard f(&flush_mu_);
+  Status st = co_await DeleteSnapshotLocked(name_or_id);
+  Status gs = co_await RebuildOverlapGuard();  // before requests may reuse what was freed
+  co_return st.ok() ? gs : st;
+}
+
+Task<Status> Qcow2Device::DeleteSnapshotLocked(const std::string& name_or_id) {
   KVBLK_CO_ASSIGN_OR_RETURN(SnapshotTree tree,
                             co_await LoadSnapshotTree(name_or_id, SnapshotLookup::kNameThenId));
   const Snapshot& sn = tree.snapshot;

@@ -124,6 +124,10 @@ Task<Result<size_t>> Qcow2Device::SubclusterWrite(uint64_t pos, size_t len,
     known_zero = known_zero_.Get(host, gc);
   }
   uint32_t written = touched;  // subclusters of `host` this write may change
+  // Every write below stays inside the data cluster `host`.
+  if (Status ov = GuardCheck("data write", host, cluster_size_, kIgnoreNone); !ov.ok()) {
+    co_return co_await RefuseWrite(std::move(ov));
+  }
 
   Status wst;
   if (!reuse && (keep_alloc & ~touched) != 0) {

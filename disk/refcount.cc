@@ -43,12 +43,23 @@ Refcounts::Refcounts(const Config& cfg)
       cluster_size_(uint64_t{1} << cfg.cluster_bits), order_(cfg.refcount_order),
       entries_per_block_((uint64_t{1} << cfg.cluster_bits) * 8 >> cfg.refcount_order),
       table_offset_(cfg.table_offset), table_clusters_(cfg.table_clusters),
-      switch_table_(cfg.switch_table) {
+      switch_table_(cfg.switch_table), guard_(cfg.guard), refuse_(cfg.refuse) {
   cache_ = std::make_unique<TableCache>(
       "refcount block", file_, static_cast<uint32_t>(cluster_size_), cfg.cache_tables,
       [this](uint64_t off, const uint8_t* t) -> Task<Status> {
-        return file_->Write(t, cluster_size_, off);
+        return GuardedWrite(t, cluster_size_, off, kIgnoreRefcountBlocks, "refcount block write");
       });
+}
+
+Task<Status> Refcounts::GuardedWrite(const void* buf, size_t len, uint64_t offset,
+                                     MetadataMask ignore, const char* what) {
+  if (guard_ != nullptr) {
+    if (auto hit = guard_->Check(offset, len, ignore)) {
+      Status why = OverlapError(file_->path() + ": " + what, offset, len, *hit);
+      co_return refuse_ ? co_await refuse_(std::move(why)) : why;
+    }
+  }
+  co_return co_await file_->Write(buf, len, offset);
 }
 
 Status Refcounts::CheckBlockOffset(uint64_t index, uint64_t off) const {
@@ -147,12 +158,18 @@ Task<Result<Refcounts::BlockState>> Refcounts::EnsureBlock(uint64_t cluster) {
   uint64_t off = cluster << cluster_bits_;
   std::vector<uint8_t> block(cluster_size_, 0);
   SetRefcountEntry(block.data(), cluster % entries_per_block_, order_, 1);
-  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(block.data(), cluster_size_, off));
+  KVBLK_CO_RETURN_IF_ERROR(
+      co_await GuardedWrite(block.data(), cluster_size_, off, kIgnoreNone, "new refcount block"));
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
   uint8_t entry[8];
   StoreBe64(entry, off);
-  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(entry, 8, table_offset_ + idx * 8));
+  KVBLK_CO_RETURN_IF_ERROR(co_await GuardedWrite(entry, 8, table_offset_ + idx * 8,
+                                                 KindBit(MetadataKind::kRefcountTable),
+                                                 "refcount table entry write"));
   table_[idx] = off;
+  if (guard_ != nullptr) {
+    KVBLK_CO_RETURN_IF_ERROR(guard_->Add(off, cluster_size_, MetadataKind::kRefcountBlock));
+  }
   NoteFileClusters(cluster + 1);
   KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await cache_->Insert(off, block.data()));
   (void)h;
@@ -201,7 +218,8 @@ Task<Status> Refcounts::GrowTable(uint64_t need_index) {
     for (uint64_t c = std::max(start, r * e); c < std::min(end, (r + 1) * e); ++c) {
       SetRefcountEntry(block.data(), c - r * e, order_, 1);
     }
-    KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(block.data(), cluster_size_, boff));
+    KVBLK_CO_RETURN_IF_ERROR(co_await GuardedWrite(block.data(), cluster_size_, boff, kIgnoreNone,
+                                                   "new refcount block"));
     KVBLK_CO_ASSIGN_OR_RETURN(TableCache::Handle h, co_await cache_->Insert(boff, block.data()));
     (void)h;
     table[r] = boff;
@@ -221,12 +239,25 @@ Task<Status> Refcounts::GrowTable(uint64_t need_index) {
   uint64_t toff = (start + nblocks) << cluster_bits_;
   std::vector<uint8_t> raw(tclusters << cluster_bits_, 0);
   for (uint64_t i = 0; i < table.size(); ++i) StoreBe64(&raw[i * 8], table[i]);
-  KVBLK_CO_RETURN_IF_ERROR(co_await file_->Write(raw.data(), raw.size(), toff));
+  KVBLK_CO_RETURN_IF_ERROR(
+      co_await GuardedWrite(raw.data(), raw.size(), toff, kIgnoreNone, "new refcount table"));
   KVBLK_CO_RETURN_IF_ERROR(co_await file_->Flush());
   KVBLK_CO_RETURN_IF_ERROR(co_await switch_table_(toff, static_cast<uint32_t>(tclusters)));
 
   uint64_t old_off = table_offset_;
   uint32_t old_clusters = table_clusters_;
+  if (guard_ != nullptr) {
+    // The guard follows table_: new blocks and table in, old table out.
+    for (uint64_t r = 0; r < table.size(); ++r) {
+      if (table[r] != 0 && (r >= old_entries || table_[r] == 0)) {
+        KVBLK_CO_RETURN_IF_ERROR(guard_->Add(table[r], cluster_size_, MetadataKind::kRefcountBlock));
+      }
+    }
+    KVBLK_CO_RETURN_IF_ERROR(
+        guard_->Add(toff, tclusters << cluster_bits_, MetadataKind::kRefcountTable));
+    KVBLK_CO_RETURN_IF_ERROR(guard_->Remove(old_off, uint64_t{old_clusters} << cluster_bits_,
+                                            MetadataKind::kRefcountTable));
+  }
   table_ = std::move(table);
   table_offset_ = toff;
   table_clusters_ = static_cast<uint32_t>(tclusters);

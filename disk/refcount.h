@@ -19,6 +19,7 @@
 
 #include "disk/async_lock.h"
 #include "disk/file.h"
+#include "disk/overlap_guard.h"
 #include "disk/table_cache.h"
 #include "kvblk/status.h"
 #include "kvblk/task.h"
@@ -45,6 +46,15 @@ class Refcounts {
     size_t cache_tables = 16;
     // Rewrites the header's refcount_table_offset/clusters and syncs.
     std::function<Task<Status>(uint64_t offset, uint32_t clusters)> switch_table;
+    // Metadata overlap protection (null: off). Refcounts adds the refcount
+    // blocks and tables it creates to `guard` (in the same step as its
+    // table_ changes, and removes an old table once replaced) and checks
+    // each of its writes against it: a new block or table against all
+    // metadata, a block or table entry write against all but its own kind.
+    // A refused write goes to `refuse` (which marks the image corrupt and
+    // returns the error), and its status is returned.
+    OverlapGuard* guard = nullptr;
+    std::function<Task<Status>(Status)> refuse;
   };
 
   // Reads and validates the refcount table (entries aligned, inside the
@@ -91,6 +101,9 @@ class Refcounts {
  private:
   explicit Refcounts(const Config& cfg);
   Task<Status> GrowTable(uint64_t need_index);
+  // file_->Write, after the overlap check (see Config::guard).
+  Task<Status> GuardedWrite(const void* buf, size_t len, uint64_t offset, MetadataMask ignore,
+                            const char* what);
   Status CheckBlockOffset(uint64_t index, uint64_t off) const;
 
   File* file_;
@@ -103,6 +116,8 @@ class Refcounts {
   std::vector<uint64_t> table_;
   std::unique_ptr<TableCache> cache_;
   std::function<Task<Status>(uint64_t, uint32_t)> switch_table_;
+  OverlapGuard* guard_;
+  std::function<Task<Status>(Status)> refuse_;
   uint64_t file_clusters_ = 0;
   uint64_t seq_ = 0;
   uint64_t durable_seq_ = 0;

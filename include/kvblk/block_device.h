@@ -120,6 +120,11 @@ struct OpenOptions {
   uint64_t refcount_cache_bytes = 0;  // 0 = default (1 MiB)
   int max_backing_depth = 16;
   bool open_backing = true;  // false: reads of unallocated clusters are zero
+  // qcow2, writable: every host write is checked against the image's
+  // metadata (header, active and snapshot L1/L2 tables, refcount table and
+  // blocks, snapshot table); one that would overwrite any of it fails with
+  // IoError and marks the image corrupt. Off only to measure what it costs.
+  bool overlap_check = true;
 };
 
 // Opens an image file (and its backing chain). Performs I/O on the calling

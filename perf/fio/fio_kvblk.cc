@@ -3,7 +3,7 @@
 //
 //   fio --ioengine=external:build/perf/fio-kvblk.so --filename=disk.qcow2
 //       [--format=qcow2|raw] [--cache=none|writeback] [--l2_cache_size=1M]
-//       [--iothreads=N]
+//       [--iothreads=N] [--overlap_check=0|1]
 //
 // Each fio job (thread or process) opens the image itself on the calling
 // thread's EventLoop (EventLoop::Current() is thread-local); that loop is the
@@ -73,6 +73,7 @@ struct EngineOptions {
   char* cache;                  // "none" or "writeback" (default)
   unsigned long long l2_cache;  // bytes; 0 = cover the whole disk
   unsigned int iothreads;       // I/O threads per job, the job's own thread included
+  unsigned int overlap_check;   // 0: no metadata overlap protection (to measure its cost)
 };
 
 fio_option MakeOption(const char* name, const char* lname, fio_opt_type type, unsigned off,
@@ -101,6 +102,9 @@ fio_option g_options[] = {
                "I/O threads per job, each with its own event loop and io_uring (1: only the "
                "job's own thread)",
                "1"),
+    MakeOption("overlap_check", "kvblk metadata overlap check", FIO_OPT_BOOL,
+               offsetof(EngineOptions, overlap_check),
+               "Check every write against all qcow2 metadata (1, the default) or not (0)", "1"),
     fio_option{},
 };
 
@@ -164,6 +168,7 @@ kvblk::OpenOptions MakeOpenOptions(thread_data* td, const EngineOptions* o) {
   if (o->format != nullptr && *o->format != '\0') opts.format = o->format;
   opts.direct = td->o.odirect != 0 || (o->cache != nullptr && strcmp(o->cache, "none") == 0);
   opts.l2_cache_bytes = o->l2_cache;
+  opts.overlap_check = o->overlap_check != 0;
   opts.read_only = !td_write(td) && !td_trim(td);
   return opts;
 }

@@ -108,7 +108,70 @@ Task<Status> Allocator::ReleasePool() {
     pool_clusters_ -= r.count;
     pool_.pop_front();
   }
+  co_await TrimExtension();
   co_return Status::Ok();
+}
+
+Task<void> Allocator::ExtendAhead(uint64_t end) {
+  if (!extend_on_) co_return;
+  const uint64_t cs = uint64_t{1} << cluster_bits_;
+  // Nothing at or past `from` was handed out (see the header).
+  const uint64_t from = std::max(extended_to_, rc_->file_clusters() << cluster_bits_);
+  // Grow by 1/8 of the file: few extensions (each one waits for the
+  // file's in-flight direct I/O) while small images stay small; at most
+  // 256 MiB, so a crash leaves little unused space behind.
+  uint64_t step = std::clamp(from / 8, kExtendMinBytes, kExtendMaxBytes);
+  step = std::max(cs, step & ~(cs - 1));
+  if (end + step / 2 <= from) co_return;
+  const uint64_t to = std::max(from, end) + step;
+  if (extended_to_ == 0) {
+    // Already longer than its logical end before any extension of ours: a
+    // block device (or a file someone preallocated); nothing to gain.
+    Result<uint64_t> size = file_->Size();
+    if (!size.ok() || *size > from) {
+      extend_on_ = false;
+      co_return;
+    }
+    extend_base_ = *size;
+  }
+  Status st = co_await file_->WriteZeroes(from, to - from, /*allocate=*/true);
+  if (!st.ok()) {
+    extend_on_ = false;  // advisory: appends just extend the file as they land
+    co_return;
+  }
+  if (extended_to_ == 0) {
+    // A host without zero range wrote the zeros: too costly to go on with.
+    Result<File::Extent> ext = file_->DataExtent(from, to - from);
+    if (!ext.ok() || ext->data) extend_on_ = false;
+  }
+  extended_to_ = to;
+}
+
+Task<void> Allocator::TrimExtension() {
+  if (extended_to_ == 0) co_return;
+  const uint64_t cs = uint64_t{1} << cluster_bits_;
+  const uint64_t per_block = rc_->entries_per_block();
+  const uint64_t floor = (extend_base_ + cs - 1) >> cluster_bits_;
+  // The end of the last cluster in use: scan down from the logical end
+  // (normally just past the released pool), a missing block at a time.
+  uint64_t end = rc_->file_clusters();
+  while (end > floor) {
+    const uint64_t idx = (end - 1) / per_block;
+    if (idx >= rc_->table().size() || rc_->table()[idx] == 0) {
+      end = std::max(floor, idx * per_block);
+      continue;
+    }
+    Result<uint64_t> rc = co_await rc_->Get(end - 1);
+    if (!rc.ok() || *rc != 0) break;  // on error keep the cluster
+    --end;
+  }
+  const uint64_t target = std::max(extend_base_, end << cluster_bits_);
+  Result<uint64_t> size = file_->Size();
+  if (size.ok() && *size > target) {
+    Status st = file_->Truncate(target);
+    (void)st.ok();  // advisory: a failure leaves unused zeros at the end
+  }
+  extended_to_ = 0;
 }
 
 Task<Result<Allocator::Run>> Allocator::AllocateLocked(uint64_t n) {
@@ -143,6 +206,7 @@ Task<Result<Allocator::Run>> Allocator::AllocateLocked(uint64_t n) {
       ++len;
     }
     const bool fresh = c >= rc_->file_clusters();
+    co_await ExtendAhead((c + len) << cluster_bits_);
     for (uint64_t i = 0; i < len; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(c + i, 1));
     // Advance the hint unless a free or EndIo moved it back meanwhile.
     if (cursor_ == start) cursor_ = c + len;
@@ -171,6 +235,7 @@ Task<Result<uint64_t>> Allocator::AllocateContiguous(uint64_t n) {
       }
     }
     if (restart) continue;
+    co_await ExtendAhead((start + n) << cluster_bits_);
     for (uint64_t i = 0; i < n; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(start + i, 1));
     rc_->NoteFileClusters(start + n);
     co_return start << cluster_bits_;

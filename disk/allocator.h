@@ -18,6 +18,33 @@
 // no leaks); after a crash pooled clusters are leaks, never corruption
 // (nothing points to them).
 //
+// Pre-extension (issue 7): ext4 cannot issue an O_DIRECT write that moves
+// the end of the file without punting it to a worker and serialising it, so
+// allocating writes into appended clusters would not scale with queue depth.
+// On a writable O_DIRECT file (alignment() > 1) the allocator therefore
+// keeps the host file physically longer than the clusters it hands out:
+// before a run ending within half a step of the extended end is handed out,
+// the file is extended with File::WriteZeroes(allocate=true) (fallocate
+// zero range: unwritten extents that read as zeros, the size moves). Steps
+// are max(8 MiB, 1/8 of the file), at most 256 MiB, whole clusters.
+//  - Extension only ever covers bytes at or past both the end of the last
+//    extension and file_clusters(): nothing was handed out there, so zeroing
+//    them destroys nothing, even with writes in flight elsewhere.
+//  - `fresh` stays tied to file_clusters() (the logical end), not to the
+//    physical size: the pre-extended space reads as zeros.
+//  - A failed extension, or one the host did with ordinary writes (the range
+//    then reads back as data), turns pre-extension off; it is advisory and
+//    never fails an allocation.
+//  - ReleasePool() (clean close) truncates the file back to the end of the
+//    last cluster in use, but never below the size it had before the first
+//    extension. After a crash the extended tail is part of the file: its
+//    clusters have refcount 0, are reused by later allocations (not fresh)
+//    and are neither leaks nor corruption. Pooled clusters there are leaks,
+//    as before, now visible to checks (they lie inside the file).
+//  - Read-only files, MemFile and the other test files (alignment 1) are
+//    never extended, nor is a file already longer than its logical end
+//    before the first extension (a block device).
+//
 // Frees are deferred: DeferFree() records a cluster whose last reference was
 // removed from an L2 or L1 table in memory; ApplyDeferredFrees() drops the
 // refcounts, and must only be called once those table changes are durable
@@ -41,8 +68,12 @@ namespace kvblk::qcow2 {
 
 class Allocator {
  public:
+  // Pre-extends `file` (see above) when it is writable and O_DIRECT.
   Allocator(Refcounts* refcounts, File* file, uint32_t cluster_bits)
-      : rc_(refcounts), file_(file), cluster_bits_(cluster_bits) {}
+      : rc_(refcounts),
+        file_(file),
+        cluster_bits_(cluster_bits),
+        extend_on_(!file->read_only() && file->alignment() > 1) {}
 
   struct Run {
     uint64_t offset;  // host byte offset of the first cluster
@@ -58,11 +89,27 @@ class Allocator {
   void EnablePool(uint64_t max_clusters);
   // Drops the refcount of every pooled cluster (they are referenced by
   // nothing) and turns pre-allocation off. Waits for a running refill.
+  // Then, if this allocator pre-extended the file, truncates it to the end
+  // of the last cluster with a non-zero refcount (at least the size before
+  // the first extension); the truncation is advisory (a failure only costs
+  // space). Call it on close only: with no data I/O in flight and after the
+  // last allocation. Returns the first refcount error.
   Task<Status> ReleasePool();
   uint64_t pooled_clusters() const { return pool_clusters_; }
   uint64_t pool_high_mark() const { return high_; }
   // Allocates exactly n contiguous clusters (for tables), at the file end.
   Task<Result<uint64_t>> AllocateContiguous(uint64_t n);
+
+  // Pre-extension (see the top of this file). One past the last byte this
+  // allocator made the file extend to; 0 before the first extension (and
+  // after ReleasePool trimmed the file).
+  uint64_t extended_to() const { return extended_to_; }
+  // Whether runs at the end are still pre-extended (false once an
+  // extension failed or was done with writes; always false for files that
+  // are read-only or not O_DIRECT).
+  bool extending() const { return extend_on_; }
+  static constexpr uint64_t kExtendMinBytes = uint64_t{8} << 20;
+  static constexpr uint64_t kExtendMaxBytes = uint64_t{256} << 20;
   // Allocates `len` bytes (<= one cluster) for a compressed cluster; the
   // host clusters it touches get one more reference each.
   Task<Result<uint64_t>> AllocateBytes(uint64_t len);
@@ -109,6 +156,13 @@ class Allocator {
   Task<Status> RefillLocked(uint64_t target);
   // The background refill started when the pool runs low.
   Task<void> BackgroundRefill();
+  // Pre-extends the file so that it reaches at least half a step past
+  // `end` (one past the last byte about to be handed out). Advisory: turns
+  // pre-extension off on failure. Requires mu_, and must run before
+  // NoteFileClusters() covers the run (the run itself is extended too).
+  Task<void> ExtendAhead(uint64_t end);
+  // ReleasePool()'s truncation. Requires mu_.
+  Task<void> TrimExtension();
 
   Refcounts* rc_;
   File* file_;
@@ -127,6 +181,10 @@ class Allocator {
   bool refilling_ = false;
   AsyncEvent* refill_done_ = nullptr;  // set while a background refill runs
   Status refill_status_;       // a failed background refill, reported by the next Allocate
+  // Pre-extension; the home loop's, under mu_.
+  bool extend_on_ = false;    // set by the constructor for writable O_DIRECT files
+  uint64_t extended_to_ = 0;  // end of the last extension, bytes; 0: none yet
+  uint64_t extend_base_ = 0;  // file size before the first extension
   // Pins may be taken and released on any I/O thread; everything above is
   // the home loop's.
   std::mutex pin_mu_;

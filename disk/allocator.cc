@@ -112,18 +112,30 @@ Task<Status> Allocator::ReleasePool() {
   co_return Status::Ok();
 }
 
-Task<void> Allocator::ExtendAhead(uint64_t end) {
-  if (!extend_on_) co_return;
+uint64_t Allocator::ExtendFrom() const {
+  // Nothing at or past this was handed out (see the header).
+  return std::max(extended_to_, rc_->file_clusters() << cluster_bits_);
+}
+
+uint64_t Allocator::ExtendStep(uint64_t from) const {
   const uint64_t cs = uint64_t{1} << cluster_bits_;
-  // Nothing at or past `from` was handed out (see the header).
-  const uint64_t from = std::max(extended_to_, rc_->file_clusters() << cluster_bits_);
   // Grow by 1/8 of the file: few extensions (each one waits for the
   // file's in-flight direct I/O) while small images stay small; at most
   // 256 MiB, so a crash leaves little unused space behind.
-  uint64_t step = std::clamp(from / 8, kExtendMinBytes, kExtendMaxBytes);
-  step = std::max(cs, step & ~(cs - 1));
-  if (end + step / 2 <= from) co_return;
-  const uint64_t to = std::max(from, end) + step;
+  const uint64_t step = std::clamp(from / 8, kExtendMinBytes, kExtendMaxBytes);
+  return std::max(cs, step & ~(cs - 1));
+}
+
+bool Allocator::ExtendDue(uint64_t end) const {
+  if (!extend_on_) return false;
+  const uint64_t from = ExtendFrom();
+  return end + ExtendStep(from) / 2 > from;
+}
+
+Task<void> Allocator::ExtendAhead(uint64_t end) {
+  if (!ExtendDue(end)) co_return;
+  const uint64_t from = ExtendFrom();
+  const uint64_t to = std::max(from, end) + ExtendStep(from);
   if (extended_to_ == 0) {
     // Already longer than its logical end before any extension of ours: a
     // block device (or a file someone preallocated); nothing to gain.
@@ -206,7 +218,7 @@ Task<Result<Allocator::Run>> Allocator::AllocateLocked(uint64_t n) {
       ++len;
     }
     const bool fresh = c >= rc_->file_clusters();
-    co_await ExtendAhead((c + len) << cluster_bits_);
+    if (ExtendDue((c + len) << cluster_bits_)) co_await ExtendAhead((c + len) << cluster_bits_);
     for (uint64_t i = 0; i < len; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(c + i, 1));
     // Advance the hint unless a free or EndIo moved it back meanwhile.
     if (cursor_ == start) cursor_ = c + len;
@@ -235,7 +247,7 @@ Task<Result<uint64_t>> Allocator::AllocateContiguous(uint64_t n) {
       }
     }
     if (restart) continue;
-    co_await ExtendAhead((start + n) << cluster_bits_);
+    if (ExtendDue((start + n) << cluster_bits_)) co_await ExtendAhead((start + n) << cluster_bits_);
     for (uint64_t i = 0; i < n; ++i) KVBLK_CO_RETURN_IF_ERROR(co_await rc_->Add(start + i, 1));
     rc_->NoteFileClusters(start + n);
     co_return start << cluster_bits_;

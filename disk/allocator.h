@@ -161,6 +161,12 @@ class Allocator {
   // pre-extension off on failure. Requires mu_, and must run before
   // NoteFileClusters() covers the run (the run itself is extended too).
   Task<void> ExtendAhead(uint64_t end);
+  // Whether ExtendAhead(end) has anything to do: checked inline by the
+  // allocation paths so that the common case costs no coroutine frame.
+  bool ExtendDue(uint64_t end) const;
+  // Where the next extension starts, and how far it goes past that.
+  uint64_t ExtendFrom() const;
+  uint64_t ExtendStep(uint64_t from) const;
   // ReleasePool()'s truncation. Requires mu_.
   Task<void> TrimExtension();
 

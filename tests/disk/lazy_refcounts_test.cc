@@ -14,16 +14,16 @@
 #include "disk/qcow2_device.h"
 #include "kvblk/event_loop.h"
 #include "kvblk/image_create.h"
+#include "tests/support/fresh_image_layout.h"
 #include "tests/support/test_util.h"
 
 namespace kvblk::qcow2 {
 namespace {
 
-constexpr uint64_t kCluster = 65536;
-// Layout of a fresh image made by CreateImage (see write_order_test.cc).
-constexpr uint64_t kRefBlock = 2 * kCluster;
-constexpr uint64_t kL1 = 3 * kCluster;
-constexpr uint64_t kFirstL2 = 4 * kCluster;
+using testing::fresh_image::kCluster;
+using testing::fresh_image::kFirstL2;
+using testing::fresh_image::kL1;
+using testing::fresh_image::kRefBlock;
 constexpr uint64_t kIncompatOffset = 72;  // incompatible_features, big endian
 
 using Kind = MemFileEvent::Kind;

@@ -12,17 +12,16 @@
 #include "disk/qcow2_device.h"
 #include "kvblk/event_loop.h"
 #include "kvblk/image_create.h"
+#include "tests/support/fresh_image_layout.h"
 #include "tests/support/test_util.h"
 
 namespace kvblk::qcow2 {
 namespace {
 
-constexpr uint64_t kCluster = 65536;
-// Layout of a fresh image made by CreateImage: header, refcount table,
-// refcount block, L1 table; the first L2 table and data cluster follow.
-constexpr uint64_t kRefBlock = 2 * kCluster;
-constexpr uint64_t kL1 = 3 * kCluster;
-constexpr uint64_t kFirstL2 = 4 * kCluster;
+using testing::fresh_image::kCluster;
+using testing::fresh_image::kFirstL2;
+using testing::fresh_image::kL1;
+using testing::fresh_image::kRefBlock;
 
 using Kind = MemFileEvent::Kind;
 

@@ -52,11 +52,12 @@
 #ifndef KVBLK_DISK_ALLOCATOR_H_
 #define KVBLK_DISK_ALLOCATOR_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <limits>
+#include <memory>
 #include <mutex>
-#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -130,21 +131,25 @@ class Allocator {
   // are punched out of the host file.
   Task<Status> ApplyFrees(FreeList frees);
 
-  // Thread-safe: mark data I/O on a host cluster as started / finished.
+  // Thread-safe and lock-free: mark data I/O on a host cluster as started /
+  // finished. Every request pins the clusters it reads or writes in place.
+  //
+  // Pins are counted in kPinSlots counters indexed by the cluster number
+  // modulo kPinSlots. Two clusters kPinSlots apart share a counter, so a
+  // free cluster may look pinned while the other one has I/O in flight:
+  // allocation then passes it over and comes back later (as for a real
+  // pin). The reverse, a pinned cluster that looks free, cannot happen.
+  static constexpr size_t kPinSlots = 4096;
   void BeginIo(uint64_t host_cluster) {
-    std::lock_guard<std::mutex> l(pin_mu_);
-    ++inflight_[host_cluster];
+    pins_[host_cluster % kPinSlots].fetch_add(1, std::memory_order_seq_cst);
   }
   void EndIo(uint64_t host_cluster) {
-    std::lock_guard<std::mutex> l(pin_mu_);
-    auto it = inflight_.find(host_cluster);
-    if (it == inflight_.end() || --it->second != 0) return;
-    inflight_.erase(it);
-    // A free cluster that allocation passed over for this I/O is usable
-    // now; the home loop lowers the cursor to it on its next allocation.
-    if (passed_over_.erase(host_cluster) && host_cluster < released_min_) {
-      released_min_ = host_cluster;
-    }
+    const size_t slot = host_cluster % kPinSlots;
+    if (pins_[slot].fetch_sub(1, std::memory_order_seq_cst) != 1) return;
+    // Seq_cst pairs with IsFree(): either it sees this counter at zero, or
+    // this load sees its passed_any_ and the lock waits for its insertion.
+    if (!passed_any_.load(std::memory_order_seq_cst)) return;
+    ReleasePassedOver(slot);
   }
 
  private:
@@ -191,10 +196,15 @@ class Allocator {
   bool extend_on_ = false;    // set by the constructor for writable O_DIRECT files
   uint64_t extended_to_ = 0;  // end of the last extension, bytes; 0: none yet
   uint64_t extend_base_ = 0;  // file size before the first extension
+  // EndIo() found counter `slot` at zero with clusters passed over: those
+  // of that slot are usable again (the cursor comes back to them).
+  void ReleasePassedOver(size_t slot);
+
   // Pins may be taken and released on any I/O thread; everything above is
   // the home loop's.
+  std::unique_ptr<std::atomic<uint32_t>[]> pins_{new std::atomic<uint32_t>[kPinSlots]()};
+  std::atomic<bool> passed_any_{false};  // passed_over_ may be non-empty
   std::mutex pin_mu_;
-  std::unordered_map<uint64_t, int> inflight_;                  // guarded by pin_mu_
   std::unordered_set<uint64_t> passed_over_;                    // guarded by pin_mu_
   uint64_t released_min_ = std::numeric_limits<uint64_t>::max();  // guarded by pin_mu_
 };

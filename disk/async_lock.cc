@@ -40,7 +40,7 @@ bool AsyncSharedMutex::Enqueue(std::coroutine_handle<> h, bool exclusive) {
   return true;
 }
 
-void AsyncSharedMutex::GrantLocked(std::deque<LockWaiter>* to_resume) {
+void AsyncSharedMutex::GrantLocked(std::vector<LockWaiter>* to_resume) {
   while (!waiters_.empty()) {
     LockWaiter& w = waiters_.front();
     if (w.exclusive) {
@@ -58,7 +58,7 @@ void AsyncSharedMutex::GrantLocked(std::deque<LockWaiter>* to_resume) {
 }
 
 void AsyncSharedMutex::UnlockShared() {
-  std::deque<LockWaiter> wake;
+  std::vector<LockWaiter> wake;  // empty: no allocation (a deque would allocate)
   {
     std::lock_guard<std::mutex> l(mu_);
     --readers_;
@@ -68,7 +68,7 @@ void AsyncSharedMutex::UnlockShared() {
 }
 
 void AsyncSharedMutex::UnlockExclusive() {
-  std::deque<LockWaiter> wake;
+  std::vector<LockWaiter> wake;
   {
     std::lock_guard<std::mutex> l(mu_);
     writer_ = false;
@@ -88,7 +88,7 @@ bool AsyncSharedMutex::held_exclusive() const {
 }
 
 void AsyncEvent::Set() {
-  std::deque<LockWaiter> wake;
+  std::vector<LockWaiter> wake;
   {
     std::lock_guard<std::mutex> l(mu_);
     set_ = true;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <vector>
 
 #include "kvblk/event_loop.h"
 
@@ -54,7 +55,7 @@ class AsyncSharedMutex {
   };
   // Returns false (do not suspend) if the lock was granted meanwhile.
   bool Enqueue(std::coroutine_handle<> h, bool exclusive);
-  void GrantLocked(std::deque<LockWaiter>* to_resume);
+  void GrantLocked(std::vector<LockWaiter>* to_resume);
 
   mutable std::mutex mu_;
   int readers_ = 0;
@@ -136,7 +137,7 @@ class AsyncEvent {
   };
   mutable std::mutex mu_;
   bool set_ = false;
-  std::deque<LockWaiter> waiters_;
+  std::vector<LockWaiter> waiters_;
 };
 
 }  // namespace kvblk

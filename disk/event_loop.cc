@@ -30,12 +30,14 @@ void EventLoop::SetCurrent(EventLoop* loop) { tl_installed = loop; }
 void EventLoop::Post(std::coroutine_handle<> h) {
   std::lock_guard<std::mutex> l(posted_mu_);
   posted_.push_back(h);
+  posted_any_.store(true, std::memory_order_release);
   engine_->Wake();
 }
 
 void EventLoop::PostFunction(std::function<void()> fn) {
   std::lock_guard<std::mutex> l(posted_mu_);
   posted_fns_.push_back(std::move(fn));
+  posted_any_.store(true, std::memory_order_release);
   engine_->Wake();
 }
 
@@ -44,17 +46,28 @@ void EventLoop::Wake() {
   engine_->Wake();
 }
 
+// Runs on every pass, so it allocates nothing and takes no lock when
+// nothing was posted. The posted lists are swapped with spares that keep
+// their capacity; locals (not members) hold them while they run, so a
+// posted function that runs the loop again is safe.
 bool EventLoop::DrainPosted() {
-  std::deque<std::coroutine_handle<>> hs;
-  std::deque<std::function<void()>> fns;
+  if (!posted_any_.load(std::memory_order_acquire)) return false;
+  std::vector<std::coroutine_handle<>> hs = std::move(spare_posted_);
+  std::vector<std::function<void()>> fns = std::move(spare_fns_);
   {
     std::lock_guard<std::mutex> l(posted_mu_);
     hs.swap(posted_);
     fns.swap(posted_fns_);
+    posted_any_.store(false, std::memory_order_relaxed);
   }
   for (auto h : hs) ready_.push_back(h);
   for (auto& fn : fns) fn();
-  return !hs.empty() || !fns.empty();
+  const bool did = !hs.empty() || !fns.empty();
+  hs.clear();
+  fns.clear();
+  if (spare_posted_.capacity() < hs.capacity()) spare_posted_ = std::move(hs);
+  if (spare_fns_.capacity() < fns.capacity()) spare_fns_ = std::move(fns);
+  return did;
 }
 
 bool EventLoop::RunOnce() {

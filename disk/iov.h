@@ -21,10 +21,12 @@ inline size_t IovTotal(const std::vector<iovec>& v) {
   return IovTotal(v.data(), static_cast<int>(v.size()));
 }
 
-// Appends to `out` the iovecs covering bytes [skip, skip + len) of `in`.
-inline void SliceIov(const std::vector<iovec>& in, size_t skip, size_t len,
+// Appends to `out` the iovecs covering bytes [skip, skip + len) of the
+// `incnt` iovecs at `in`.
+inline void SliceIov(const iovec* in, int incnt, size_t skip, size_t len,
                      std::vector<iovec>* out) {
-  for (const iovec& v : in) {
+  for (int i = 0; i < incnt; ++i) {
+    const iovec& v = in[i];
     if (len == 0) break;
     if (skip >= v.iov_len) {
       skip -= v.iov_len;
@@ -35,6 +37,10 @@ inline void SliceIov(const std::vector<iovec>& in, size_t skip, size_t len,
     skip = 0;
     len -= k;
   }
+}
+inline void SliceIov(const std::vector<iovec>& in, size_t skip, size_t len,
+                     std::vector<iovec>* out) {
+  SliceIov(in.data(), static_cast<int>(in.size()), skip, len, out);
 }
 
 // Drops the first `done` bytes of `*v` (after a short transfer).

@@ -48,19 +48,17 @@ class PosixFile final : public File {
         align_(align) {}
   ~PosixFile() override { close(fd_); }
 
+  // ReadV and WriteV are not coroutines themselves: they hand back the
+  // task that does the work, so a request costs one coroutine frame here.
   Task<Status> ReadV(const iovec* iov, int iovcnt, uint64_t offset) override {
-    if (direct_ && !Aligned(iov, iovcnt, offset)) {
-      co_return co_await BounceRead(iov, iovcnt, offset);
-    }
-    co_return co_await RawReadV(iov, iovcnt, offset);
+    if (direct_ && !Aligned(iov, iovcnt, offset)) return BounceRead(iov, iovcnt, offset);
+    return RawReadV(iov, iovcnt, offset);
   }
 
   Task<Status> WriteV(const iovec* iov, int iovcnt, uint64_t offset) override {
-    if (ro_) co_return Status::ReadOnly(path_ + ": file opened read-only");
-    if (direct_ && !Aligned(iov, iovcnt, offset)) {
-      co_return co_await BounceWrite(iov, iovcnt, offset);
-    }
-    co_return co_await RawWriteV(iov, iovcnt, offset);
+    if (ro_) return Fail(Status::ReadOnly(path_ + ": file opened read-only"));
+    if (direct_ && !Aligned(iov, iovcnt, offset)) return BounceWrite(iov, iovcnt, offset);
+    return RawWriteV(iov, iovcnt, offset);
   }
 
   Task<Status> Flush() override {
@@ -193,17 +191,23 @@ class PosixFile final : public File {
     co_return co_await IoAwaiter{&EventLoop::Current().engine(), &op};
   }
 
+  static Task<Status> Fail(Status st) { co_return st; }
+
   // Transfers the whole iovec, resubmitting after short transfers. A read
-  // that reaches the end of the file fills the rest with zeros.
+  // that reaches the end of the file fills the rest with zeros. The first
+  // attempt uses the caller's iovec; only a short transfer copies it (to
+  // advance past what was done).
   Task<Status> RawIo(bool write, const iovec* iov, int iovcnt, uint64_t offset) {
-    std::vector<iovec> rest(iov, iov + iovcnt);
+    std::vector<iovec> rest;
+    const iovec* cur = iov;
+    size_t curcnt = static_cast<size_t>(iovcnt);
     size_t want = IovTotal(iov, iovcnt);
     while (want > 0) {
       IoOp op;
       op.kind = write ? IoOp::Kind::kWritev : IoOp::Kind::kReadv;
       op.fd = fd_;
-      op.iov = rest.data();
-      op.iovcnt = static_cast<int>(std::min<size_t>(rest.size(), IOV_MAX));
+      op.iov = cur;
+      op.iovcnt = static_cast<int>(std::min<size_t>(curcnt, IOV_MAX));
       op.offset = offset;
       int64_t r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
       if (r == -EINTR || r == -EAGAIN) continue;
@@ -212,12 +216,17 @@ class PosixFile final : public File {
       }
       if (r == 0) {
         if (write) co_return Status(StatusCode::kIoError, Where("write made no progress", offset));
-        for (auto& v : rest) std::memset(v.iov_base, 0, v.iov_len);  // end of file
-        break;
+        for (size_t i = 0; i < curcnt; ++i) std::memset(cur[i].iov_base, 0, cur[i].iov_len);
+        break;  // end of file
       }
-      AdvanceIov(&rest, static_cast<size_t>(r));
-      offset += static_cast<uint64_t>(r);
-      want -= static_cast<size_t>(r);
+      const size_t done = static_cast<size_t>(r);
+      if (done == want) break;
+      if (cur == iov) rest.assign(iov, iov + iovcnt);
+      AdvanceIov(&rest, done);
+      cur = rest.data();
+      curcnt = rest.size();
+      offset += done;
+      want -= done;
     }
     co_return Status::Ok();
   }

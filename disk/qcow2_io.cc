@@ -81,7 +81,6 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
   co_await image_lock_.LockShared();
   SharedGuard g(&image_lock_);
   KVBLK_CO_RETURN_IF_ERROR(CheckRequest(offset, len, false));
-  const std::vector<iovec> all(iov, iov + iovcnt);
   const uint64_t end = offset + len;
   uint64_t pos = offset;
   std::vector<iovec> part;
@@ -106,8 +105,13 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
         ++k;
       }
     }
+    if (n == len && m.type == Mapping::Type::kNormal) {
+      // The whole request is one host extent (the common case): read into
+      // the caller's iovec as it is.
+      co_return co_await file_->ReadV(iov, iovcnt, m.host + (pos & (cluster_size_ - 1)));
+    }
     part.clear();
-    SliceIov(all, pos - offset, n, &part);
+    SliceIov(iov, iovcnt, pos - offset, n, &part);
     KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, pos, part));
     pos += n;
   }

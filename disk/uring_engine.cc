@@ -13,6 +13,8 @@ namespace {
 
 // user_data of the eventfd read that wakes a blocked Reap().
 constexpr uint64_t kWakeTag = 1;
+// The longest buffer IORING_OP_READ/WRITE take (their length is 32 bits).
+constexpr size_t kMaxOneBuffer = 0xffffffffu;
 
 class UringEngine final : public IoEngine {
  public:
@@ -34,11 +36,23 @@ class UringEngine final : public IoEngine {
   void Submit(IoOp* op) override {
     io_uring_sqe* sqe = GetSqe();
     switch (op->kind) {
+      // One buffer: IORING_OP_READ/WRITE spare the kernel copying and
+      // checking an iovec array.
       case IoOp::Kind::kReadv:
-        io_uring_prep_readv(sqe, op->fd, op->iov, op->iovcnt, op->offset);
+        if (op->iovcnt == 1 && op->iov[0].iov_len <= kMaxOneBuffer) {
+          io_uring_prep_read(sqe, op->fd, op->iov[0].iov_base,
+                             static_cast<unsigned>(op->iov[0].iov_len), op->offset);
+        } else {
+          io_uring_prep_readv(sqe, op->fd, op->iov, op->iovcnt, op->offset);
+        }
         break;
       case IoOp::Kind::kWritev:
-        io_uring_prep_writev(sqe, op->fd, op->iov, op->iovcnt, op->offset);
+        if (op->iovcnt == 1 && op->iov[0].iov_len <= kMaxOneBuffer) {
+          io_uring_prep_write(sqe, op->fd, op->iov[0].iov_base,
+                              static_cast<unsigned>(op->iov[0].iov_len), op->offset);
+        } else {
+          io_uring_prep_writev(sqe, op->fd, op->iov, op->iovcnt, op->offset);
+        }
         break;
       case IoOp::Kind::kFsync:
         io_uring_prep_fsync(sqe, op->fd, 0);

@@ -7,12 +7,14 @@
 #ifndef KVBLK_EVENT_LOOP_H_
 #define KVBLK_EVENT_LOOP_H_
 
+#include <atomic>
 #include <coroutine>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "kvblk/task.h"
 
@@ -82,8 +84,14 @@ class EventLoop {
   std::unique_ptr<IoEngine> engine_;
   std::deque<std::coroutine_handle<>> ready_;
   std::mutex posted_mu_;
-  std::deque<std::coroutine_handle<>> posted_;
-  std::deque<std::function<void()>> posted_fns_;
+  std::vector<std::coroutine_handle<>> posted_;  // guarded by posted_mu_
+  std::vector<std::function<void()>> posted_fns_;  // guarded by posted_mu_
+  // Whether posted_ or posted_fns_ may be non-empty: set under posted_mu_,
+  // read without it so that a pass with nothing posted takes no lock.
+  std::atomic<bool> posted_any_{false};
+  // Emptied lists kept for their capacity (the loop thread's).
+  std::vector<std::coroutine_handle<>> spare_posted_;
+  std::vector<std::function<void()>> spare_fns_;
 };
 
 // Runs `task` on the calling thread's loop until it finishes and returns its

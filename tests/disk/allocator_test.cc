@@ -108,6 +108,31 @@ TEST_F(AllocatorTest, SkipsClustersWithIoInFlight) {
   EXPECT_EQ(Cluster(c->offset), 4u);
 }
 
+// Pins are counted per slot (cluster modulo kPinSlots): I/O on a cluster
+// kPinSlots away makes a free cluster look pinned too. It is passed over
+// while that I/O runs and handed out once the slot empties.
+TEST_F(AllocatorTest, ClusterSharingAPinSlotIsPassedOverUntilTheSlotEmpties) {
+  Init(65536, 16);
+  auto a = RunSync(alloc_->Allocate(2));  // clusters 4, 5
+  ASSERT_TRUE(a.ok());
+  alloc_->DeferFree(a->offset, 1);
+  ASSERT_TRUE(RunSync(alloc_->ApplyFrees(alloc_->TakeDeferred())).ok());
+  const uint64_t twin = 4 + Allocator::kPinSlots;
+  alloc_->BeginIo(twin);
+  alloc_->BeginIo(twin);  // two requests on the twin
+  auto b = RunSync(alloc_->Allocate(1));
+  ASSERT_TRUE(b.ok());
+  EXPECT_NE(Cluster(b->offset), 4u);
+  alloc_->EndIo(twin);  // one left: still pinned
+  auto c = RunSync(alloc_->Allocate(1));
+  ASSERT_TRUE(c.ok());
+  EXPECT_NE(Cluster(c->offset), 4u);
+  alloc_->EndIo(twin);
+  auto d = RunSync(alloc_->Allocate(1));
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(Cluster(d->offset), 4u) << "the passed-over cluster was not released";
+}
+
 TEST_F(AllocatorTest, GrowsTheRefcountTableWhenItIsFull) {
   // 512-byte clusters with 64-bit refcounts: a block covers 64 clusters and
   // one table cluster 64 blocks, so 4096 clusters fill the first table.

@@ -70,7 +70,26 @@ bool EventLoop::DrainPosted() {
   return did;
 }
 
+void EventLoop::AtPassEnd(std::function<void()> fn) {
+  if (pass_depth_ == 0) {
+    fn();
+    return;
+  }
+  pass_end_.push_back(std::move(fn));
+}
+
+bool EventLoop::RunPassEnd() {
+  if (pass_end_.empty()) return false;
+  std::vector<std::function<void()>> fns;
+  fns.swap(pass_end_);
+  for (auto& fn : fns) fn();
+  fns.clear();
+  if (pass_end_.empty()) pass_end_.swap(fns);  // keep the capacity
+  return true;
+}
+
 bool EventLoop::RunOnce() {
+  ++pass_depth_;
   bool did = DrainPosted();
   // Resume only what was ready at the start of the pass; coroutines that
   // become ready meanwhile run in the next pass, after I/O is submitted.
@@ -82,6 +101,8 @@ bool EventLoop::RunOnce() {
     did = true;
   }
   if (engine_->Reap(false) > 0) did = true;
+  --pass_depth_;
+  if (RunPassEnd()) did = true;
   return did;
 }
 
@@ -93,7 +114,10 @@ void EventLoop::RunUntil(const std::function<bool()>& done) {
       std::lock_guard<std::mutex> l(posted_mu_);
       if (!posted_.empty() || !posted_fns_.empty()) continue;
     }
+    ++pass_depth_;
     engine_->Reap(true);
+    --pass_depth_;
+    RunPassEnd();
   }
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <utility>
 
 #include "virtio/byte_order.h"
 
@@ -515,10 +516,40 @@ void BlkDevice::Complete(int index, uint64_t generation, uint16_t head, uint8_t*
   if (q.generation == generation && q.vq) {
     if (status_ptr != nullptr) *status_ptr = status;
     q.vq->Push(head, status_ptr != nullptr ? used_len : 0);
-    if (q.vq->NeedsInterrupt() && irq_) irq_(index);
+    if (SignalUsed(index)) return;  // FlushUsed() finishes it
   }
   // Last: once Drain() sees zero, the transport may unmap guest memory.
   if (--in_flight_ == 0) {
+    if (EventLoop* d = drainer_.load()) d->Wake();
+  }
+}
+
+bool BlkDevice::SignalUsed(int index) {
+  Queue& q = queues_[index];
+  EventLoop& loop = EventLoop::Current();
+  if (!loop.in_pass()) {
+    if (q.vq->NeedsInterrupt() && irq_) irq_(index);
+    return false;
+  }
+  if (q.unsignalled++ == 0) {
+    std::weak_ptr<BlkDevice*> weak = self_;
+    loop.AtPassEnd([weak, index] {
+      // The device outlives its requests: ~BlkDevice drains, and in_flight_
+      // counts this batch until FlushUsed() runs.
+      if (auto s = weak.lock()) (*s)->FlushUsed(index);
+    });
+  }
+  return true;
+}
+
+void BlkDevice::FlushUsed(int index) {
+  Queue& q = queues_[index];
+  const size_t n = std::exchange(q.unsignalled, 0);
+  // The queue may have been re-created during the pass, with completions
+  // pushed to the new ring too: decide for whatever ring is there now (an
+  // extra interrupt is harmless, a missing one is not).
+  if (q.vq && q.vq->NeedsInterrupt() && irq_) irq_(index);
+  if (in_flight_.fetch_sub(n) == n) {
     if (EventLoop* d = drainer_.load()) d->Wake();
   }
 }

@@ -104,6 +104,9 @@ class BlkDevice final : public VirtioBlkDevice {
     std::atomic<bool> enabled = false;  // popping allowed
     uint64_t generation = 0;
     size_t in_flight = 0;
+    // Completions pushed in the loop's current pass whose interrupt decision
+    // (and in_flight_ decrement) waits for the pass to end: see SignalUsed.
+    size_t unsignalled = 0;
     std::optional<VirtioError> error;  // why the queue stopped (NEEDS_RESET)
     std::atomic<bool> broken = false;  // error.has_value()
   };
@@ -123,6 +126,13 @@ class BlkDevice final : public VirtioBlkDevice {
   std::array<uint8_t, vblk::kConfigSize> BuildConfig() const;
   void StartRequest(int index, DescriptorChain chain, const BlkLimits& limits);
   Task<uint8_t> Execute(BlkRequest req);
+  // After a used-ring push on queue `index`: interrupts the driver if it
+  // asked for it. Inside a loop pass the decision waits for the pass end, so
+  // a batch of completions costs one interrupt (one eventfd write) instead
+  // of one each; the completion counts in in_flight_ until then, so Drain()
+  // returns only after the interrupt. Returns whether it was deferred.
+  bool SignalUsed(int index);
+  void FlushUsed(int index);
   void Complete(int index, uint64_t generation, uint16_t head, uint8_t* status_ptr, uint8_t status,
                 uint32_t used_len);
   void BreakQueue(int index, VirtioError e);

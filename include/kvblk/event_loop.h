@@ -55,6 +55,15 @@ class EventLoop {
   // Wakes a thread blocked in RunUntil (thread-safe).
   void Wake();
 
+  // Runs `fn` when the loop's current pass ends: after the coroutines and
+  // I/O completions the pass resumes, before the loop looks for more work
+  // or blocks. Called outside a pass (code driving a device directly), it
+  // runs `fn` at once. Loop thread only. A device uses it to send one
+  // notification for a whole batch of completions.
+  void AtPassEnd(std::function<void()> fn);
+  // Whether the loop is inside a pass (RunOnce, or RunUntil's wait).
+  bool in_pass() const { return pass_depth_ > 0; }
+
   // co_await loop.Enter(): the coroutine continues on this loop's thread
   // (at once when that is the calling thread's loop, else posted to it).
   auto Enter() {
@@ -80,6 +89,8 @@ class EventLoop {
 
  private:
   bool DrainPosted();
+  // Runs what AtPassEnd() queued; returns whether there was any.
+  bool RunPassEnd();
 
   std::unique_ptr<IoEngine> engine_;
   std::deque<std::coroutine_handle<>> ready_;
@@ -92,6 +103,8 @@ class EventLoop {
   // Emptied lists kept for their capacity (the loop thread's).
   std::vector<std::coroutine_handle<>> spare_posted_;
   std::vector<std::function<void()>> spare_fns_;
+  int pass_depth_ = 0;  // passes running (nested when a pass runs the loop)
+  std::vector<std::function<void()>> pass_end_;
 };
 
 // Runs `task` on the calling thread's loop until it finishes and returns its

@@ -319,6 +319,20 @@ TEST_F(BlkDeviceTest, EventIdxSuppressesInterruptsUntilUsedEvent) {
   EXPECT_EQ(q().AvailEvent(), 3);
 }
 
+// Completions within one pass of the loop share one interrupt, sent when
+// the pass ends and before Drain() returns (without EVENT_IDX, so every
+// completion would otherwise interrupt).
+TEST_F(BlkDeviceTest, CompletionsInOneLoopPassShareOneInterrupt) {
+  Init({}, FeatureBit(vblk::kFEventIdx));
+  for (int i = 0; i < 8; ++i) Submit(vblk::kTypeIn, i, {}, 512);
+  EventLoop::Current().PostFunction([this] { dev_->Kick(0); });
+  EventLoop::Current().RunOnce();  // runs the posted kick
+  dev_->Drain();
+  EXPECT_EQ(q().TakeUsed().size(), 8u);
+  EXPECT_EQ(irqs_, std::vector<int>{0});
+  EXPECT_EQ(dev_->in_flight(), 0u);
+}
+
 TEST_F(BlkDeviceTest, NoInterruptFlagSuppressesWithoutEventIdx) {
   Init({}, FeatureBit(vblk::kFEventIdx));
   q().SetAvailFlags(kVirtqAvailFNoInterrupt);

@@ -38,6 +38,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SERVE_CMD = "{kvblk} serve --socket={socket} --cache=none -f qcow2 {l2_opt}{image}"
 
 # Image sizes (virtual). "pre" images are fully preallocated (data on disk);
+# "falloc" images are preallocated with fallocate (unwritten extents: reads
+# return zeros without touching the device, so a job on them measures the
+# software's CPU per I/O, the same on every backend);
 # "empty" images are created fresh before every run; "big" is an 8 GiB image
 # with preallocated metadata only, read through a small L2 cache.
 PRE_SIZE = 1 * GiB
@@ -61,6 +64,8 @@ def group(name, image, rw, bs, iodepth, **extra):
 JOBS = [
     {"name": "randread-4k-qd1", "groups": [group("randread-4k-qd1", "pre", "randread", "4k", 1)]},
     {"name": "randread-4k-qd32", "groups": [group("randread-4k-qd32", "pre", "randread", "4k", 32)]},
+    {"name": "randread-4k-qd32-cpu",
+     "groups": [group("randread-4k-qd32-cpu", "falloc", "randread", "4k", 32)]},
     {"name": "randwrite-4k-qd1", "groups": [group("randwrite-4k-qd1", "pre", "randwrite", "4k", 1)]},
     {"name": "randwrite-4k-qd32",
      "groups": [group("randwrite-4k-qd32", "pre", "randwrite", "4k", 32)]},
@@ -76,6 +81,11 @@ JOBS = [
     ]},
 ]
 QUICK_SKIP = set()  # the quick run has every job, at one cluster size
+# Rounds: a job runs `--rounds` times, the backends in alternating order
+# (forward, then backward, ...) so that drift in the machine's load falls on
+# all of them; reports use the run with the median IOPS. The quick run
+# repeats only these jobs (the targets most exposed to device noise).
+QUICK_ROUND_JOBS = {"randread-4k-qd32"}
 
 # Extended L2 entries (subclusters): the layouts and the jobs they run.
 # Full run: both cluster sizes for EXT_JOBS; quick: 64 KiB, EXT_JOBS_QUICK.
@@ -195,6 +205,8 @@ class Images:
         size = Images.size(kind)
         if kind == "pre" or kind.startswith("mix-"):
             return self._create(name, fmt, size, cluster, "full", ext=ext)
+        if kind == "falloc":
+            return self._create(name, fmt, size, cluster, "falloc", ext=ext)
         if kind == "big" or kind.startswith("abl-"):
             return self._create(name, fmt, size, cluster,
                                 "metadata" if fmt == "qcow2" else "off", ext=ext)
@@ -206,7 +218,7 @@ class Images:
     def size(kind):
         if kind.startswith("abl-"):
             return ABL_SIZE
-        return {"pre": PRE_SIZE, "empty": EMPTY_SIZE, "big": BIG_SIZE}.get(
+        return {"pre": PRE_SIZE, "falloc": PRE_SIZE, "empty": EMPTY_SIZE, "big": BIG_SIZE}.get(
             kind, MIX_SIZE)
 
 
@@ -397,13 +409,16 @@ class Bench:
             out = [lo for lo in out if lo[1]]
         return out
 
-    def run_job(self, job, backend, cluster, ext=False, l2_tables=None, ablation=None):
+    def run_job(self, job, backend, cluster, ext=False, l2_tables=None, ablation=None,
+                round_no=0):
         """One fio run of `job` on `backend`. l2_tables: every group's L2
         cache in tables (0 = covering) instead of the job's own sizes."""
         tag = "%s.%s.%s" % (job["name"], backend,
                             "raw" if backend == "raw" else layout_name(cluster, ext))
         if ablation:
             tag += "." + ablation
+        if round_no:
+            tag += ".r%d" % round_no
         fmt = "raw" if backend == "raw" else "qcow2"
         groups = []
         for g in job["groups"]:
@@ -465,7 +480,7 @@ class Bench:
                    "rw": g["rw"], "bs": g["bs"], "iodepth": g["iodepth"],
                    "l2_cache": (None if backend == "raw" or
                                 (backend == "serve" and not self.serve_l2) else g["l2"]),
-                   "elapsed_s": elapsed, "fio_exit": p.returncode}
+                   "elapsed_s": elapsed, "fio_exit": p.returncode, "round": round_no}
             j = by_name.get(g["name"])
             if j is None:
                 res["error"] = "no fio result"
@@ -492,19 +507,28 @@ class Bench:
                 (g["name"], backend, res["iops"], res["clat_p99_us"] or 0,
                  res["cpu_per_kio"] or 0))
 
+    def rounds(self, job):
+        if self.args.quick and job["name"] not in QUICK_ROUND_JOBS:
+            return 1
+        return self.args.rounds
+
     def run(self):
         jobs = [j for j in JOBS if re.search(self.args.jobs, j["name"])]
         for job in jobs:
-            raw_done = False
-            for cluster, ext in self.layouts(job):
-                for backend in self.backends:
-                    if backend == "raw":
-                        if raw_done:
-                            continue
-                        raw_done = True
-                    log("%s  cluster=%s  backend=%s" % (job["name"], layout_name(cluster, ext),
-                                                         backend))
-                    self.run_job(job, backend, cluster, ext)
+            n = self.rounds(job)
+            for rnd in range(n):
+                raw_done = False
+                order = self.backends if rnd % 2 == 0 else list(reversed(self.backends))
+                for cluster, ext in self.layouts(job):
+                    for backend in order:
+                        if backend == "raw":
+                            if raw_done:
+                                continue
+                            raw_done = True
+                        log("%s  cluster=%s  backend=%s%s" %
+                            (job["name"], layout_name(cluster, ext), backend,
+                             "  round %d/%d" % (rnd + 1, n) if n > 1 else ""))
+                        self.run_job(job, backend, cluster, ext, round_no=rnd + 1 if n > 1 else 0)
         if (self.args.l2_ablation and "kvblk" in self.backends and
                 re.search(self.args.jobs, ABLATION_JOB)):
             job = {"name": ABLATION_JOB, "groups": ABLATION_GROUPS}
@@ -541,9 +565,25 @@ def layout_label(k):
     return layout_name(k[1], k[2]) if k[1] else "–"
 
 
+def median_run(runs):
+    """Of a measurement's rounds, the run with the median IOPS (the lower
+    middle one for an even count), so every figure of a row comes from one
+    real run; with "rounds" and the IOPS range of all of them added."""
+    if len(runs) == 1:
+        return runs[0]
+    ok = sorted((r for r in runs if r.get("iops") is not None), key=lambda r: r["iops"])
+    if not ok:
+        return runs[0]
+    r = dict(ok[(len(ok) - 1) // 2])
+    r["rounds"] = len(runs)
+    r["iops_min"], r["iops_max"] = ok[0]["iops"], ok[-1]["iops"]
+    return r
+
+
 def rows_by_key(results):
     """{(group, cluster, ext): {backend: result}} of the matrix (not the
-    ablation), raw rows copied to every layout of their group."""
+    ablation), raw rows copied to every layout of their group; a measurement
+    made in several rounds is represented by median_run()."""
     table = {}
     layouts = {}
     results = [r for r in results if not r.get("ablation")]
@@ -554,8 +594,8 @@ def rows_by_key(results):
         ls = ([layout_of(r)] if r["cluster"] is not None
               else sorted(layouts.get(r["group"], [(0, False)])))
         for c, ext in ls:
-            table.setdefault((r["group"], c, ext), {})[r["backend"]] = r
-    return table
+            table.setdefault((r["group"], c, ext), {}).setdefault(r["backend"], []).append(r)
+    return {k: {be: median_run(runs) for be, runs in by.items()} for k, by in table.items()}
 
 
 def ablation_markdown(results):
@@ -648,6 +688,16 @@ def markdown(meta, results):
         out.append("")
     out.append("## Ratios (same run)")
     out.append("")
+    rounded = sorted({r["job"] for r in results if r.get("round")})
+    if rounded:
+        out.append("Jobs run in rounds, the backends in alternating order: %s. Each figure is "
+                   "from the run with the median IOPS; the measurements table gives the IOPS "
+                   "range of the rounds." % ", ".join("`%s`" % j for j in rounded))
+        out.append("")
+    out.append("`-cpu` jobs read preallocated but unwritten extents (`preallocation=falloc`): "
+               "the kernel returns zeros without touching the device, so they compare the "
+               "CPU cost of each stack; the other jobs read data on the device.")
+    out.append("")
     out.append("IOPS ratios: higher is better for kvblk. p99 and CPU ratios: lower is better. "
                "`kvblk` is the disk layer inside fio (no virtio); `QEMU` is "
                "qemu-storage-daemon behind vhost-user-blk%s." %
@@ -694,9 +744,13 @@ def markdown(meta, results):
             r = table[k].get(be)
             if r is None:
                 continue
+            iops = fmt_num(r.get("iops"))
+            if r.get("rounds"):
+                iops += " (%s–%s, %d rounds)" % (fmt_num(r["iops_min"]), fmt_num(r["iops_max"]),
+                                                r["rounds"])
             out.append("| " + " | ".join([
                 k[0], layout_label(k), be,
-                fmt_num(r.get("iops")),
+                iops,
                 fmt_num(None if r.get("bw_bytes") is None else r["bw_bytes"] / MiB, 1),
                 fmt_num(r.get("clat_p50_us"), 1), fmt_num(r.get("clat_p99_us"), 1),
                 fmt_num(r.get("cpu_per_kio"), 4),
@@ -765,6 +819,9 @@ def main():
     ap.add_argument("--runtime", type=int, default=None,
                     help="seconds per job (default 20; 5 with --quick)")
     ap.add_argument("--backends", default="raw,kvblk,qemu,serve")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of each job, backends in alternating order (default 3; with "
+                         "--quick only for %s)" % ", ".join(sorted(QUICK_ROUND_JOBS)))
     ap.add_argument("--jobs", default=".", help="regex on job names (the ablation is '%s')"
                     % ABLATION_JOB)
     ap.add_argument("--extended-l2", choices=("auto", "off", "only"), default="auto",
@@ -802,6 +859,7 @@ def main():
         "date": now.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": args.quick,
         "runtime": args.runtime,
+        "rounds": args.rounds,
         "backends": bench.backends,
         "host": platform.node(),
         "cpus": os.cpu_count(),

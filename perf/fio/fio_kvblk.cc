@@ -324,11 +324,14 @@ int CloseFile(thread_data* td, fio_file* f) {
 }
 
 kvblk::Task<Status> Submit(BlockDevice* dev, io_u* u) {
+  // The iovec lives in this frame until the request completes (the iovec
+  // forms of Read/Write save the buffer forms' extra coroutine frame).
+  iovec v{u->xfer_buf, static_cast<size_t>(u->xfer_buflen)};
   switch (u->ddir) {
     case DDIR_READ:
-      co_return co_await dev->Read(u->offset, u->xfer_buf, u->xfer_buflen);
+      co_return co_await dev->Read(u->offset, &v, 1);
     case DDIR_WRITE:
-      co_return co_await dev->Write(u->offset, u->xfer_buf, u->xfer_buflen);
+      co_return co_await dev->Write(u->offset, &v, 1);
     case DDIR_TRIM:
       co_return co_await dev->Discard(u->offset, u->xfer_buflen);
     case DDIR_SYNC:

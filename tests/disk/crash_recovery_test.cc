@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "disk/qcow2_device.h"
@@ -47,6 +48,20 @@ std::vector<uint8_t> ImageWithClusterLeakedPastEnd(const TempDir& dir, int refco
   return bytes;
 }
 
+// Opens `image`, writes 8 sectors at offset 0 (allocating an L2 table and a
+// data cluster) and closes it. Returns the status of the open-and-write and
+// that of the close.
+std::pair<Status, Status> WriteFirstSectorsAndClose(const std::string& image) {
+  OpenOptions oo;
+  oo.format = "qcow2";
+  auto dev = OpenImage(image, oo);
+  if (!dev.ok()) return {dev.status(), Status::Ok()};
+  auto data = Pattern(2, 0, 8);
+  Status write = RunSync((*dev)->Write(0, data.data(), data.size()));
+  Status close = CloseImage(std::move(*dev));
+  return {write, close};
+}
+
 TEST(CrashRecovery, ClusterLeakedPastEndOfFileIsNotAllocatedAgain) {
   TempDir dir;
   std::string image = dir.File("img.qcow2");
@@ -55,15 +70,9 @@ TEST(CrashRecovery, ClusterLeakedPastEndOfFileIsNotAllocatedAgain) {
   // qemu-img check does not even look at refcounts past the end of the file.
   ASSERT_TRUE(before.ok()) << before.output;
 
-  OpenOptions oo;
-  oo.format = "qcow2";
-  auto dev = OpenImage(image, oo);
-  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
-  auto data = Pattern(2, 0, 8);
-  Status st = RunSync((*dev)->Write(0, data.data(), data.size()));  // allocates an L2 table
-  ASSERT_TRUE(st.ok()) << st.ToString();
-  st = CloseImage(std::move(*dev));
-  ASSERT_TRUE(st.ok()) << st.ToString();
+  auto [write, close] = WriteFirstSectorsAndClose(image);
+  ASSERT_TRUE(write.ok()) << write.ToString();
+  ASSERT_TRUE(close.ok()) << close.ToString();
   QemuCheck after = QemuCheckOne(image);
   EXPECT_TRUE(after.ok()) << "kvblk handed out the leaked cluster again (its refcount is now 2 "
                              "while the L2/L1 entry has COPIED set):\n"
@@ -77,15 +86,9 @@ TEST(CrashRecovery, WritesWorkAfterAClusterLeakedPastEndOfFileWithOneBitRefcount
   QemuCheck before = QemuCheckOne(image);
   ASSERT_TRUE(before.ok()) << before.output;
 
-  OpenOptions oo;
-  oo.format = "qcow2";
-  auto dev = OpenImage(image, oo);
-  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
-  auto data = Pattern(2, 0, 8);
-  Status st = RunSync((*dev)->Write(0, data.data(), data.size()));
-  EXPECT_TRUE(st.ok()) << "a write after crash recovery failed: " << st.ToString();
-  st = CloseImage(std::move(*dev));
-  EXPECT_TRUE(st.ok()) << st.ToString();
+  auto [write, close] = WriteFirstSectorsAndClose(image);
+  EXPECT_TRUE(write.ok()) << "open and write after crash recovery failed: " << write.ToString();
+  EXPECT_TRUE(close.ok()) << close.ToString();
   EXPECT_TRUE(QemuCheckOne(image).ok());
 }
 

@@ -13,14 +13,32 @@ EventLoop::~EventLoop() {
 }
 
 namespace {
-thread_local EventLoop* tl_installed = nullptr;
+// Current() runs several times per request, so its pointers use the
+// initial-exec TLS model: a plain %fs-relative load instead of a call to
+// __tls_get_addr when kvblk is linked into a shared object (fio's engine).
+// A shared object loaded with dlopen takes these few bytes from the static
+// TLS space glibc reserves for that purpose.
+#define KVBLK_FAST_TLS __attribute__((tls_model("initial-exec")))
+thread_local EventLoop* tl_installed KVBLK_FAST_TLS = nullptr;  // SetCurrent's
+thread_local EventLoop* tl_own KVBLK_FAST_TLS = nullptr;        // tl_own_loop's
+// Owns the loop Current() creates; destroyed when the thread exits.
+struct OwnLoop {
+  std::unique_ptr<EventLoop> loop;
+  ~OwnLoop() { tl_own = nullptr; }
+};
+thread_local OwnLoop tl_own_loop;
+
+EventLoop& CreateOwnLoop() {
+  tl_own_loop.loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
+  tl_own = tl_own_loop.loop.get();
+  return *tl_own;
 }
+}  // namespace
 
 EventLoop& EventLoop::Current() {
   if (tl_installed != nullptr) return *tl_installed;
-  thread_local std::unique_ptr<EventLoop> loop;
-  if (!loop) loop = std::make_unique<EventLoop>(MakeDefaultIoEngine());
-  return *loop;
+  if (tl_own != nullptr) return *tl_own;
+  return CreateOwnLoop();
 }
 
 void EventLoop::SetCurrent(EventLoop* loop) { tl_installed = loop; }

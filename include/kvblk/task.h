@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <coroutine>
+#include <cstddef>
 #include <cstdlib>
 #include <exception>
 #include <optional>
@@ -42,7 +43,17 @@ struct FinalAwaiter {
   void await_resume() const noexcept {}
 };
 
+// Coroutine frames come from a per-thread pool of recently freed frames
+// (disk/frame_pool.cc): a request allocates and frees several frames, and
+// the pool makes each a few loads and stores instead of a malloc and a
+// free. `n` must be the size passed to AllocFrame.
+void* AllocFrame(size_t n);
+void FreeFrameMemory(void* frame, size_t n) noexcept;
+
 struct PromiseBase {
+  static void* operator new(size_t n) { return AllocFrame(n); }
+  static void operator delete(void* frame, size_t n) noexcept { FreeFrameMemory(frame, n); }
+
   std::coroutine_handle<> continuation;
   std::atomic<bool> handoff = false;  // see FinalAwaiter and Task's Awaiter
   std::exception_ptr exception;
@@ -134,6 +145,8 @@ inline Task<void> Promise<void>::get_return_object() noexcept {
 // A self-destroying coroutine used to run a Task without an awaiter.
 struct Detached {
   struct promise_type {
+    static void* operator new(size_t n) { return AllocFrame(n); }
+    static void operator delete(void* frame, size_t n) noexcept { FreeFrameMemory(frame, n); }
     Detached get_return_object() noexcept { return {}; }
     std::suspend_never initial_suspend() const noexcept { return {}; }
     std::suspend_never final_suspend() const noexcept { return {}; }

@@ -25,6 +25,8 @@
 
 namespace kvblk {
 
+struct IoOp;
+
 class File {
  public:
   virtual ~File() = default;
@@ -65,6 +67,26 @@ class File {
   // Single-buffer conveniences.
   Task<Status> Read(void* buf, size_t len, uint64_t offset);
   Task<Status> Write(const void* buf, size_t len, uint64_t offset);
+
+  // The callback form of ReadV, for the read fast path. If the file can
+  // hand the read straight to the calling thread's IoEngine (PosixFile,
+  // with a request that needs no O_DIRECT bounce buffer), fills in `op`'s
+  // request fields, submits it and returns true: `op` completes through
+  // the engine (see IoOp::Complete) with the raw result. A result equal to
+  // the iovec's total length is a complete read; any other result must be
+  // passed to FinishReadV. Otherwise returns false and leaves `op` alone;
+  // the caller uses ReadV. The iovec must stay valid until the read is
+  // finished.
+  virtual bool StartReadV(const iovec* /*iov*/, int /*iovcnt*/, uint64_t /*offset*/,
+                          IoOp* /*op*/) {
+    return false;
+  }
+  // Finishes a read that StartReadV started and whose op completed with
+  // `result` short of the whole iovec: retries after EINTR/EAGAIN,
+  // continues after a short transfer, zero-fills past the end of the file
+  // and reports errors, all as ReadV does.
+  virtual Task<Status> FinishReadV(const iovec* iov, int iovcnt, uint64_t offset,
+                                   int64_t result);
 };
 
 struct FileOptions {

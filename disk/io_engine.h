@@ -1,8 +1,9 @@
 // IoEngine: asynchronous file I/O for one event loop (one thread).
 //
-// An operation is an IoOp that lives in the awaiting coroutine's frame. The
-// engine fills in `result` (bytes transferred, or -errno) and resumes
-// `waiter` from Reap() on the loop's thread. The io_uring engine is the
+// An operation is an IoOp that lives in the awaiting coroutine's frame (or,
+// for the callback form, in its owner's state). The engine fills in
+// `result` (bytes transferred, or -errno) and, from Reap() on the loop's
+// thread, calls Complete(): it resumes `waiter`, or calls `on_done`. The io_uring engine is the
 // default; the thread-pool engine (preadv/pwritev on worker threads) takes
 // over when io_uring cannot be set up, or when KVBLK_IO=threads.
 #ifndef KVBLK_DISK_IO_ENGINE_H_
@@ -27,6 +28,17 @@ struct IoOp {
   int mode = 0;         // fallocate mode
   int64_t result = 0;   // >= 0 bytes (or 0), < 0 is -errno
   std::coroutine_handle<> waiter;
+  // When set, called with the op instead of resuming `waiter` (the read
+  // fast path uses it to complete a request without a coroutine).
+  void (*on_done)(IoOp* op) = nullptr;
+
+  void Complete() {
+    if (on_done != nullptr) {
+      on_done(this);
+    } else {
+      waiter.resume();
+    }
+  }
 };
 
 class IoEngine {

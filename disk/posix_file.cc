@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "disk/async_lock.h"
@@ -29,6 +31,12 @@ Task<Status> File::Read(void* buf, size_t len, uint64_t offset) {
 Task<Status> File::Write(const void* buf, size_t len, uint64_t offset) {
   iovec v{const_cast<void*>(buf), len};
   co_return co_await WriteV(&v, 1, offset);
+}
+
+// Only files whose StartReadV can return true have reads to finish.
+Task<Status> File::FinishReadV(const iovec*, int, uint64_t offset, int64_t) {
+  co_return Status::InvalidArgument(path() + ": FinishReadV at offset " + std::to_string(offset) +
+                                    " without a read started by StartReadV");
 }
 
 namespace {
@@ -53,6 +61,23 @@ class PosixFile final : public File {
   Task<Status> ReadV(const iovec* iov, int iovcnt, uint64_t offset) override {
     if (direct_ && !Aligned(iov, iovcnt, offset)) return BounceRead(iov, iovcnt, offset);
     return RawReadV(iov, iovcnt, offset);
+  }
+
+  bool StartReadV(const iovec* iov, int iovcnt, uint64_t offset, IoOp* op) override {
+    if (iovcnt < 1 || iovcnt > IOV_MAX) return false;
+    if (direct_ && !Aligned(iov, iovcnt, offset)) return false;
+    op->kind = IoOp::Kind::kReadv;
+    op->fd = fd_;
+    op->iov = iov;
+    op->iovcnt = iovcnt;
+    op->offset = offset;
+    EventLoop::Current().engine().Submit(op);
+    return true;
+  }
+
+  Task<Status> FinishReadV(const iovec* iov, int iovcnt, uint64_t offset,
+                           int64_t result) override {
+    return RawIo(false, iov, iovcnt, offset, result);
   }
 
   Task<Status> WriteV(const iovec* iov, int iovcnt, uint64_t offset) override {
@@ -193,23 +218,32 @@ class PosixFile final : public File {
 
   static Task<Status> Fail(Status st) { co_return st; }
 
+  // RawIo's `first` when the first attempt is still to be submitted.
+  static constexpr int64_t kNotSubmitted = INT64_MIN;
+
   // Transfers the whole iovec, resubmitting after short transfers. A read
   // that reaches the end of the file fills the rest with zeros. The first
   // attempt uses the caller's iovec; only a short transfer copies it (to
-  // advance past what was done).
-  Task<Status> RawIo(bool write, const iovec* iov, int iovcnt, uint64_t offset) {
+  // advance past what was done). `first`, if given, is the result of a
+  // first attempt already made (StartReadV) with the whole iovec.
+  Task<Status> RawIo(bool write, const iovec* iov, int iovcnt, uint64_t offset,
+                     int64_t first = kNotSubmitted) {
     std::vector<iovec> rest;
     const iovec* cur = iov;
     size_t curcnt = static_cast<size_t>(iovcnt);
     size_t want = IovTotal(iov, iovcnt);
     while (want > 0) {
-      IoOp op;
-      op.kind = write ? IoOp::Kind::kWritev : IoOp::Kind::kReadv;
-      op.fd = fd_;
-      op.iov = cur;
-      op.iovcnt = static_cast<int>(std::min<size_t>(curcnt, IOV_MAX));
-      op.offset = offset;
-      int64_t r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
+      int64_t r = first;
+      first = kNotSubmitted;
+      if (r == kNotSubmitted) {
+        IoOp op;
+        op.kind = write ? IoOp::Kind::kWritev : IoOp::Kind::kReadv;
+        op.fd = fd_;
+        op.iov = cur;
+        op.iovcnt = static_cast<int>(std::min<size_t>(curcnt, IOV_MAX));
+        op.offset = offset;
+        r = co_await IoAwaiter{&EventLoop::Current().engine(), &op};
+      }
       if (r == -EINTR || r == -EAGAIN) continue;
       if (r < 0) {
         co_return Status::FromErrno(static_cast<int>(-r), Where(write ? "write" : "read", offset));

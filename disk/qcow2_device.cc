@@ -350,6 +350,18 @@ bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
   return hit && valid;
 }
 
+size_t Qcow2Device::ExtendCachedRun(uint64_t pos, uint64_t end, size_t n, const Mapping& m,
+                                    IoPins* pins) const {
+  const uint64_t gc = pos >> cluster_bits_;
+  for (uint64_t k = 1; pos + n < end; ++k) {
+    Mapping next;
+    if (!TryLookupCached(gc + k, &next, pins)) break;
+    if (next.type != Mapping::Type::kNormal || next.host != m.host + k * cluster_size_) break;
+    n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
+  }
+  return n;
+}
+
 Task<Result<Qcow2Device::Mapping>> Qcow2Device::LookupHome(uint64_t gc, IoPins* pins) {
   uint64_t l1i = gc >> l2_bits_;
   if (l1i >= l1_.size()) co_return Mapping{};

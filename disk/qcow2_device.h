@@ -111,6 +111,14 @@ class Qcow2Device final : public BlockDevice {
   using BlockDevice::Read;
   using BlockDevice::Write;
 
+  // The read fast path (qcow2_fast_read.cc): a read that lies in one host
+  // extent of normal clusters whose L2 tables are cached goes to the file
+  // with File::StartReadV, holding image_lock_ shared and its clusters
+  // pinned exactly as Read() does. Any other read runs Read().
+  void StartRead(ReadRequest* req) override;
+  // For tests and benchmarks: reads StartRead sent down the fast path.
+  uint64_t fast_reads() const { return fast_reads_.load(std::memory_order_relaxed); }
+
   // Allocates every cluster (see Qcow2Preallocate).
   Task<Status> Preallocate(Preallocation mode);
 
@@ -337,6 +345,12 @@ class Qcow2Device final : public BlockDevice {
   // (pinning its host clusters into `pins` when not null); false on a miss
   // or an entry that needs the home loop's attention (it may be corrupt).
   bool TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const;
+  // Any thread: extends the run of `n` bytes at guest `pos`, mapped by the
+  // normal mapping `m`, over the following clusters while their L2 tables
+  // are cached and they continue `m` on the host (pinning them), up to guest
+  // offset `end`. Returns the new length.
+  size_t ExtendCachedRun(uint64_t pos, uint64_t end, size_t n, const Mapping& m,
+                         IoPins* pins) const;
   // Any thread: the mapping of `gc`, from the cache or via the home loop.
   Task<Result<Mapping>> Lookup(uint64_t gc, IoPins* pins);
   // Home loop: the mapping of `gc`, loading its L2 table on a miss.
@@ -495,6 +509,13 @@ class Qcow2Device final : public BlockDevice {
   Task<Status> MarkDirty();
   // Home loop, with the refcounts durable: clears the dirty bit and syncs.
   Task<Status> MarkClean();
+
+  // The fast path's state for one read (qcow2_fast_read.cc).
+  struct FastRead;
+  // Starts `req` on the fast path; false (nothing started, nothing held)
+  // when it does not qualify.
+  bool TryStartFastRead(ReadRequest* req);
+  std::atomic<uint64_t> fast_reads_{0};
 
   AsyncSharedMutex image_lock_;
   AsyncMutex l1_mu_;

@@ -92,19 +92,10 @@ Task<Status> Qcow2Device::Read(uint64_t offset, const iovec* iov, int iovcnt) {
     if (!TryLookupCached(gc, &m, &pins)) {
       KVBLK_CO_ASSIGN_OR_RETURN(m, co_await Lookup(gc, &pins));
     }
-    uint64_t k = 1;
-    if (m.type == Mapping::Type::kNormal) {
-      // Merge clusters that are contiguous on the host into one read.
-      // Only cached tables are merged over (pinning what is looked at); a
-      // miss ends the run and the next round loads the table.
-      while (pos + n < end) {
-        Mapping next;
-        if (!TryLookupCached(gc + k, &next, &pins)) break;
-        if (next.type != Mapping::Type::kNormal || next.host != m.host + k * cluster_size_) break;
-        n += static_cast<size_t>(std::min(cluster_size_, end - pos - n));
-        ++k;
-      }
-    }
+    // Merge clusters that are contiguous on the host into one read. Only
+    // cached tables are merged over; a miss ends the run and the next round
+    // loads the table.
+    if (m.type == Mapping::Type::kNormal) n = ExtendCachedRun(pos, end, n, m, &pins);
     if (n == len && m.type == Mapping::Type::kNormal) {
       // The whole request is one host extent (the common case): read into
       // the caller's iovec as it is.

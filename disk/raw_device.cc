@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <new>
+
 #include "kvblk/event_loop.h"
 
 namespace kvblk {
@@ -15,6 +17,22 @@ Task<Status> BlockDevice::Read(uint64_t offset, void* buf, size_t len) {
 Task<Status> BlockDevice::Write(uint64_t offset, const void* buf, size_t len) {
   iovec v{const_cast<void*>(buf), len};
   co_return co_await Write(offset, &v, 1);
+}
+
+namespace {
+// Read() for StartRead: an exception (out of memory) becomes an I/O error
+// instead of escaping the detached coroutine.
+Task<Status> ReadForStartRead(BlockDevice* dev, ReadRequest* req) {
+  try {
+    co_return co_await dev->Read(req->offset, req->iov, req->iovcnt);
+  } catch (const std::bad_alloc&) {
+    co_return Status(StatusCode::kIoError, "out of memory during a read");
+  }
+}
+}  // namespace
+
+void BlockDevice::StartRead(ReadRequest* req) {
+  Spawn(ReadForStartRead(this, req), [req](Status st) { req->done(req, std::move(st)); });
 }
 
 Task<Status> BlockDevice::WriteCompressed(uint64_t, const void*, size_t) {

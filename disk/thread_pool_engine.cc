@@ -74,7 +74,7 @@ class ThreadPoolEngine final : public IoEngine {
       done.swap(done_);
     }
     inflight_ -= static_cast<int>(done.size());
-    for (IoOp* op : done) op->waiter.resume();
+    for (IoOp* op : done) op->Complete();
     return static_cast<int>(done.size());
   }
 

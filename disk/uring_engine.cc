@@ -100,7 +100,7 @@ class UringEngine final : public IoEngine {
       io_uring_cq_advance(&ring_, n);
       if (!woken_armed_) ArmWake();
       inflight_ -= nb;
-      for (int i = 0; i < nb; ++i) batch[i]->waiter.resume();
+      for (int i = 0; i < nb; ++i) batch[i]->Complete();
       done += nb;
       if (nb < 64) break;
     }

@@ -77,6 +77,20 @@ struct ImageInfo {
   std::vector<SnapshotInfo> snapshots;
 };
 
+// A read in callback form: BlockDevice::StartRead. The caller fills in the
+// first four fields and owns the request; it and the iovec's buffers must
+// stay valid until `done` is called.
+struct ReadRequest {
+  uint64_t offset = 0;
+  const iovec* iov = nullptr;
+  int iovcnt = 0;
+  // Called once, on the thread that called StartRead (from its event loop,
+  // or from inside StartRead when the read needs no I/O), with the result
+  // Read() would have given.
+  void (*done)(ReadRequest* req, Status st) = nullptr;
+  void* user = nullptr;  // the caller's; kvblk does not touch it
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
@@ -108,6 +122,14 @@ class BlockDevice {
   // Single-buffer conveniences.
   Task<Status> Read(uint64_t offset, void* buf, size_t len);
   Task<Status> Write(uint64_t offset, const void* buf, size_t len);
+
+  // Read() in callback form, for callers that start many small reads
+  // (a virtqueue, fio's engine): same result and the same guarantees, but
+  // a qcow2 read of data that lies in one host extent with its L2 table
+  // cached goes straight to the event loop's io_uring, without a coroutine.
+  // Anything else runs Read(); running out of memory on the way is an
+  // IoError. The calling thread must run its EventLoop.
+  virtual void StartRead(ReadRequest* req);
 };
 
 struct OpenOptions {

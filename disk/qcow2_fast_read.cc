@@ -1,0 +1,116 @@
+// Qcow2Device's read fast path: StartRead without a coroutine.
+//
+// A guest read costs Read() four coroutine frames (the caller's, Read's,
+// the file's and the I/O wait) and their hand-offs. Most reads of a running
+// guest lie in one host extent of normal clusters whose L2 tables are
+// cached; for those, StartRead does what Read() would do in a plain
+// function: it takes image_lock_ shared (TryLockShared: a waiting snapshot
+// or L1 growth sends the read down the slow path, so it cannot starve),
+// checks the request, looks the clusters up in the cache and pins them,
+// and hands the read to the file (File::StartReadV) with a FastRead as the
+// IoOp. The completion, on the same loop, releases the pins and the lock
+// before it calls the caller's `done`, as Read's guards do before it
+// returns. A short or failed transfer goes to File::FinishReadV, which
+// handles it exactly as ReadV would (retry, continue, zero-fill past the
+// end of the file, or the error).
+//
+// Everything the fast path does not take (zero, unallocated, compressed or
+// subcluster mappings, a table miss, an extent that breaks on the host, an
+// O_DIRECT request that needs a bounce buffer, a lock that is not free)
+// runs Read(), so the fast path changes the cost of a read, never its
+// result.
+#include <algorithm>
+#include <memory>
+#include <new>
+
+#include "disk/iov.h"
+#include "disk/io_engine.h"
+#include "disk/qcow2_device.h"
+
+namespace kvblk::qcow2 {
+
+struct Qcow2Device::FastRead : IoOp {
+  FastRead(Qcow2Device* d, ReadRequest* r) : dev(d), req(r), pins(d->alloc_.get()) {}
+
+  // The pool that holds coroutine frames suits these as well.
+  static void* operator new(size_t n) { return internal::AllocFrame(n); }
+  static void operator delete(void* p, size_t n) noexcept { internal::FreeFrameMemory(p, n); }
+
+  // Releases the pins and the lock, then reports `st`.
+  static void Finish(FastRead* f, Status st) {
+    ReadRequest* req = f->req;
+    Qcow2Device* dev = f->dev;
+    delete f;  // unpins
+    dev->image_lock_.UnlockShared();
+    req->done(req, std::move(st));
+  }
+
+  static void OnIoDone(IoOp* op) {
+    auto* f = static_cast<FastRead*>(op);
+    if (f->result >= 0 && static_cast<size_t>(f->result) == f->want) {
+      Finish(f, Status::Ok());
+      return;
+    }
+    try {
+      Spawn(f->dev->file_->FinishReadV(f->req->iov, f->req->iovcnt, f->host, f->result),
+            [f](Status st) { Finish(f, std::move(st)); });
+    } catch (const std::bad_alloc&) {  // no frame: nothing started
+      Finish(f, Status(StatusCode::kIoError, "out of memory finishing a short read"));
+    }
+  }
+
+  Qcow2Device* dev;
+  ReadRequest* req;
+  IoPins pins;
+  uint64_t host = 0;  // where the read starts in the file
+  size_t want = 0;    // its length
+};
+
+void Qcow2Device::StartRead(ReadRequest* req) {
+  if (TryStartFastRead(req)) return;
+  BlockDevice::StartRead(req);
+}
+
+bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
+  // Allocated first: if that throws, nothing is held yet.
+  auto f = std::unique_ptr<FastRead>(new FastRead(this, req));
+  if (!image_lock_.TryLockShared()) return false;
+  const size_t len = IovTotal(req->iov, req->iovcnt);
+  const uint64_t pos = req->offset;
+  // Errors (a closed device, a request past the end) are Read's to report.
+  if (len == 0 || !CheckRequest(pos, len, false).ok()) {
+    image_lock_.UnlockShared();
+    return false;
+  }
+  Mapping m;
+  bool ok;
+  try {  // pinning more than a few clusters allocates
+    ok = TryLookupCached(pos >> cluster_bits_, &m, &f->pins) &&
+         m.type == Mapping::Type::kNormal;
+    if (ok) {
+      const size_t first = static_cast<size_t>(
+          std::min<uint64_t>(cluster_size_ - (pos & (cluster_size_ - 1)), len));
+      ok = ExtendCachedRun(pos, pos + len, first, m, &f->pins) == len;
+    }
+  } catch (...) {
+    f.reset();
+    image_lock_.UnlockShared();
+    throw;
+  }
+  if (ok) {
+    f->host = m.host + (pos & (cluster_size_ - 1));
+    f->want = len;
+    f->on_done = &FastRead::OnIoDone;
+    ok = file_->StartReadV(req->iov, req->iovcnt, f->host, f.get());
+  }
+  if (!ok) {
+    f.reset();  // unpins
+    image_lock_.UnlockShared();
+    return false;
+  }
+  fast_reads_.fetch_add(1, std::memory_order_relaxed);
+  f.release();  // FastRead::Finish deletes it
+  return true;
+}
+
+}  // namespace kvblk::qcow2

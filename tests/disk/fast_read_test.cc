@@ -1,0 +1,261 @@
+// BlockDevice::StartRead and Qcow2Device's read fast path: the same bytes
+// and errors as Read(), the fast path taken exactly where it applies, and
+// short transfers finished the way ReadV finishes them.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "disk/qcow2_device.h"
+#include "kvblk/event_loop.h"
+#include "tests/support/test_util.h"
+
+namespace kvblk {
+namespace {
+
+using testing::Sh;
+using testing::TempDir;
+
+constexpr uint64_t kCluster = 64 * 1024;
+
+std::unique_ptr<BlockDevice> MustOpen(const std::string& path, bool direct = false) {
+  OpenOptions o;
+  o.read_only = true;
+  o.direct = direct;
+  auto d = OpenImage(path, o);
+  EXPECT_TRUE(d.ok()) << d.status().ToString();
+  return d.ok() ? std::move(*d) : nullptr;
+}
+
+uint64_t FastReads(BlockDevice* dev) {
+  auto* q = dynamic_cast<qcow2::Qcow2Device*>(dev);
+  EXPECT_NE(q, nullptr);
+  return q ? q->fast_reads() : 0;
+}
+
+// StartRead, waited for on this thread's loop.
+Status StartReadSync(BlockDevice* dev, uint64_t offset, const iovec* iov, int iovcnt) {
+  struct Wait {
+    ReadRequest req;
+    bool done = false;
+    int calls = 0;
+    Status st;
+  } w;
+  w.req.offset = offset;
+  w.req.iov = iov;
+  w.req.iovcnt = iovcnt;
+  w.req.user = &w;
+  w.req.done = [](ReadRequest* r, Status st) {
+    auto* self = static_cast<Wait*>(r->user);
+    ++self->calls;
+    self->st = std::move(st);
+    self->done = true;
+  };
+  dev->StartRead(&w.req);
+  EventLoop::Current().RunUntil([&w] { return w.done; });
+  EXPECT_EQ(w.calls, 1);
+  return w.st;
+}
+
+Status StartReadSync(BlockDevice* dev, uint64_t offset, void* buf, size_t len) {
+  iovec v{buf, len};
+  return StartReadSync(dev, offset, &v, 1);
+}
+
+// Reads [offset, offset+len) with Read() and with StartRead(); both must
+// succeed with the same bytes, which are returned.
+std::vector<uint8_t> ReadBothWays(BlockDevice* dev, uint64_t offset, size_t len) {
+  std::vector<uint8_t> a(len, 0xee), b(len, 0xdd);
+  Status sa = RunSync(dev->Read(offset, a.data(), len));
+  EXPECT_TRUE(sa.ok()) << sa.ToString();
+  Status sb = StartReadSync(dev, offset, b.data(), len);
+  EXPECT_TRUE(sb.ok()) << sb.ToString();
+  EXPECT_EQ(a, b) << "offset " << offset << " length " << len;
+  return b;
+}
+
+void ExpectFilled(const std::vector<uint8_t>& buf, size_t from, size_t to, uint8_t want) {
+  for (size_t i = from; i < to; ++i) ASSERT_EQ(buf[i], want) << "at byte " << i;
+}
+
+TEST(FastRead, MappedReadsTakeTheFastPathOnceTheTableIsCached) {
+  TempDir dir;
+  const std::string img = dir.File("a.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 16M").exit_code, 0);
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x5a 0 256k' " + img).exit_code, 0);
+  auto dev = MustOpen(img);
+  ASSERT_NE(dev, nullptr);
+
+  // The L2 table is not cached yet: the slow path loads it.
+  std::vector<uint8_t> buf(4096);
+  ASSERT_TRUE(StartReadSync(dev.get(), 0, buf.data(), buf.size()).ok());
+  ExpectFilled(buf, 0, buf.size(), 0x5a);
+  EXPECT_EQ(FastReads(dev.get()), 0u);
+
+  // Within one cluster, across a cluster boundary (qemu-io allocated the
+  // clusters in order, so they are contiguous on the host), and in three
+  // iovec pieces.
+  auto one = ReadBothWays(dev.get(), 8192, 4096);
+  ExpectFilled(one, 0, one.size(), 0x5a);
+  auto across = ReadBothWays(dev.get(), kCluster - 2048, 8192);
+  ExpectFilled(across, 0, across.size(), 0x5a);
+  std::vector<uint8_t> pieces(3 * 4096);
+  iovec iov[3] = {{pieces.data(), 4096}, {pieces.data() + 4096, 4096},
+                  {pieces.data() + 8192, 4096}};
+  ASSERT_TRUE(StartReadSync(dev.get(), 3 * kCluster, iov, 3).ok());
+  ExpectFilled(pieces, 0, pieces.size(), 0x5a);
+  EXPECT_EQ(FastReads(dev.get()), 3u);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, OtherMappingsGoDownTheSlowPathWithTheSameBytes) {
+  TempDir dir;
+  const std::string base = dir.File("base.qcow2");
+  const std::string img = dir.File("top.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + base + " 16M").exit_code, 0);
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x42 1M 64k' " + base).exit_code, 0);
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 -F qcow2 -b " + base + " " + img).exit_code, 0);
+  // Cluster 5 before cluster 4: not contiguous on the host. A zero cluster
+  // at 2M, data at 3M (to read across into the zero cluster at 3M+64k).
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x05 320k 64k' -c 'write -P 0x04 256k 64k' "
+               "-c 'write -z 2M 64k' -c 'write -P 0x33 3M 64k' -c 'write -z 3136k 64k' " +
+               img)
+                .exit_code,
+            0);
+  auto dev = MustOpen(img);
+  ASSERT_NE(dev, nullptr);
+  // Load the L2 table (all of these lie in the first one).
+  ReadBothWays(dev.get(), 0, 4096);
+  const uint64_t fast_before = FastReads(dev.get());
+
+  auto split = ReadBothWays(dev.get(), 5 * kCluster - 4096, 8192);  // host order broken
+  ExpectFilled(split, 0, 4096, 0x04);
+  ExpectFilled(split, 4096, 8192, 0x05);
+  auto zero = ReadBothWays(dev.get(), 2 * 1024 * 1024, 4096);  // zero cluster
+  ExpectFilled(zero, 0, zero.size(), 0);
+  auto backing = ReadBothWays(dev.get(), 1024 * 1024 + 4096, 4096);  // from the backing file
+  ExpectFilled(backing, 0, backing.size(), 0x42);
+  auto none = ReadBothWays(dev.get(), 6 * 1024 * 1024, 4096);  // nowhere in the chain
+  ExpectFilled(none, 0, none.size(), 0);
+  auto into_zero = ReadBothWays(dev.get(), 3 * 1024 * 1024 + kCluster - 512, 1024);
+  ExpectFilled(into_zero, 0, 512, 0x33);
+  ExpectFilled(into_zero, 512, 1024, 0);
+  EXPECT_EQ(FastReads(dev.get()), fast_before);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, CompressedClustersGoDownTheSlowPath) {
+  TempDir dir;
+  const std::string raw = dir.File("a.raw");
+  const std::string img = dir.File("c.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f raw " + raw + " 4M && qemu-io -f raw -c 'write -P 0x77 0 1M' " +
+               raw + " && qemu-img convert -c -O qcow2 " + raw + " " + img)
+                .exit_code,
+            0);
+  auto dev = MustOpen(img);
+  ASSERT_NE(dev, nullptr);
+  ReadBothWays(dev.get(), 0, 4096);
+  const uint64_t fast_before = FastReads(dev.get());
+  auto c = ReadBothWays(dev.get(), kCluster + 100, 5000);
+  ExpectFilled(c, 0, c.size(), 0x77);
+  EXPECT_EQ(FastReads(dev.get()), fast_before);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, ARequestPastTheEndFailsAsReadFails) {
+  TempDir dir;
+  const std::string img = dir.File("a.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 1M").exit_code, 0);
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 1 0 1M' " + img).exit_code, 0);
+  auto dev = MustOpen(img);
+  ASSERT_NE(dev, nullptr);
+  ReadBothWays(dev.get(), 0, 4096);
+  std::vector<uint8_t> buf(4096);
+  Status by_read = RunSync(dev->Read(1024 * 1024 - 512, buf.data(), buf.size()));
+  Status by_start = StartReadSync(dev.get(), 1024 * 1024 - 512, buf.data(), buf.size());
+  EXPECT_EQ(by_read.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_start.ToString(), by_read.ToString());
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, DirectReadsBounceUnalignedBuffersAndSendAlignedOnesFast) {
+  TempDir dir;
+  const std::string img = dir.File("a.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 4M").exit_code, 0);
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x3c 0 1M' " + img).exit_code, 0);
+  auto dev = MustOpen(img, /*direct=*/true);
+  ASSERT_NE(dev, nullptr);
+  ReadBothWays(dev.get(), 0, 4096);
+  const uint64_t fast_before = FastReads(dev.get());
+
+  std::vector<uint8_t> storage(8192 + 1);
+  uint8_t* odd = storage.data() + 1;  // not aligned for O_DIRECT
+  ASSERT_TRUE(StartReadSync(dev.get(), 4096, odd, 4096).ok());
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(odd[i], 0x3c) << i;
+  EXPECT_EQ(FastReads(dev.get()), fast_before);
+
+  void* p = nullptr;
+  ASSERT_EQ(posix_memalign(&p, 4096, 8192), 0);
+  std::unique_ptr<uint8_t, decltype(&free)> aligned(static_cast<uint8_t*>(p), &free);
+  std::memset(aligned.get(), 0, 8192);
+  ASSERT_TRUE(StartReadSync(dev.get(), 8192, aligned.get(), 8192).ok());
+  for (size_t i = 0; i < 8192; ++i) ASSERT_EQ(aligned.get()[i], 0x3c) << i;
+  EXPECT_EQ(FastReads(dev.get()), fast_before + 1);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+// A data cluster that the host file ends inside of: the kernel transfers
+// what is there, and FinishReadV reads on to the end of the file and fills
+// the rest with zeros, as ReadV does.
+TEST(FastRead, AShortTransferAtTheEndOfTheFileIsFinishedWithZeros) {
+  TempDir dir;
+  const std::string img = dir.File("a.qcow2");
+  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 4M").exit_code, 0);
+  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x61 0 64k' -c 'write -P 0x62 64k 64k' " + img).exit_code,
+            0);
+  // The second data cluster is the last cluster of the file: cut it after
+  // 4 KiB + 100 bytes.
+  auto map = Sh("qemu-img map --output=json " + img);
+  ASSERT_EQ(map.exit_code, 0) << map.output;
+  const auto at = map.output.find("\"offset\": ");
+  ASSERT_NE(at, std::string::npos) << map.output;
+  const uint64_t host0 = std::stoull(map.output.substr(at + 10));
+  const uint64_t host1 = host0 + kCluster;  // one mapping: contiguous on the host
+  ASSERT_EQ(truncate(img.c_str(), static_cast<off_t>(host1 + 4096 + 100)), 0);
+
+  auto dev = MustOpen(img);
+  ASSERT_NE(dev, nullptr);
+  ReadBothWays(dev.get(), 0, 4096);
+  const uint64_t fast_before = FastReads(dev.get());
+  auto buf = ReadBothWays(dev.get(), kCluster - 4096, 4096 + 8192);
+  ExpectFilled(buf, 0, 4096, 0x61);
+  ExpectFilled(buf, 4096, 4096 + 4096 + 100, 0x62);
+  ExpectFilled(buf, 4096 + 4096 + 100, buf.size(), 0);
+  EXPECT_EQ(FastReads(dev.get()), fast_before + 1);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, RawImagesUseReadThroughTheDefaultStartRead) {
+  TempDir dir;
+  const std::string img = dir.File("a.raw");
+  ASSERT_EQ(Sh("qemu-img create -q -f raw " + img + " 1M && qemu-io -f raw -c 'write -P 9 0 8k' " +
+               img)
+                .exit_code,
+            0);
+  OpenOptions o;
+  o.read_only = true;
+  auto dev = OpenImage(img, o);
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  auto buf = ReadBothWays(dev->get(), 4000, 8192);
+  ExpectFilled(buf, 0, 8192 - 4000, 9);
+  ExpectFilled(buf, 8192 - 4000, buf.size(), 0);
+  EXPECT_TRUE(CloseImage(std::move(*dev)).ok());
+}
+
+}  // namespace
+}  // namespace kvblk

@@ -7,9 +7,11 @@
 //
 // Each fio job (thread or process) opens the image itself on the calling
 // thread's EventLoop (EventLoop::Current() is thread-local); that loop is the
-// device's home loop. queue() spawns one coroutine per io_u; commit() runs
-// the loop once so the I/O reaches io_uring; getevents() runs the loop until
-// enough io_us have completed.
+// device's home loop. queue() starts a read with BlockDevice::StartRead (the
+// fast path: no coroutine when the read maps to one cached host extent) and
+// spawns a coroutine for anything else; commit() runs the loop once so the
+// I/O reaches io_uring; getevents() runs the loop until enough io_us have
+// completed.
 //
 // iothreads=N (default 1) spreads a job's I/Os round-robin over N I/O
 // threads, each with its own EventLoop and io_uring, the way
@@ -399,6 +401,36 @@ void DrainRemote(Job* job) {
   job->remote_done.clear();
 }
 
+// Per io_u (io_u->engine_data): the request StartRead takes, and its iovec.
+struct Slot {
+  kvblk::ReadRequest req;
+  iovec v{};
+  Job* job = nullptr;
+  io_u* u = nullptr;
+};
+
+int IoUInit(thread_data* td, io_u* u) {
+  auto* s = new Slot;
+  s->job = GetJob(td);
+  s->u = u;
+  s->req.iov = &s->v;
+  s->req.iovcnt = 1;
+  s->req.user = s;
+  s->req.done = [](kvblk::ReadRequest* req, Status st) {
+    auto* slot = static_cast<Slot*>(req->user);
+    Finish(slot->job, slot->u, st);
+    --slot->job->inflight;
+    slot->job->completed.push_back(slot->u);
+  };
+  u->engine_data = s;
+  return 0;
+}
+
+void IoUFree(thread_data*, io_u* u) {
+  delete static_cast<Slot*>(u->engine_data);
+  u->engine_data = nullptr;
+}
+
 fio_q_status Queue(thread_data* td, io_u* u) {
   Job* job = GetJob(td);
   fio_ro_check(td, u);
@@ -419,9 +451,15 @@ fio_q_status Queue(thread_data* td, io_u* u) {
     job->pending[t - 1].push_back({dev, u});
     return FIO_Q_QUEUED;
   }
-  // The coroutine starts now and may even finish before Spawn returns (a
-  // read of an unallocated cluster); either way the io_u is reported from
-  // getevents().
+  // A read may finish before StartRead or Spawn returns (a read of an
+  // unallocated cluster); either way the io_u is reported from getevents().
+  if (u->ddir == DDIR_READ) {
+    auto* s = static_cast<Slot*>(u->engine_data);
+    s->v = {u->xfer_buf, static_cast<size_t>(u->xfer_buflen)};
+    s->req.offset = u->offset;
+    dev->StartRead(&s->req);
+    return FIO_Q_QUEUED;
+  }
   kvblk::Spawn(Submit(dev, u), [job, u](Status st) {
     Finish(job, u, st);
     --job->inflight;
@@ -433,8 +471,9 @@ fio_q_status Queue(thread_data* td, io_u* u) {
 // Hands the queued requests to the kernel (and to the other I/O threads)
 // without waiting.
 int Commit(thread_data* td) {
-  PostPending(GetJob(td));
-  (void)EventLoop::Current().RunOnce();
+  Job* job = GetJob(td);
+  PostPending(job);
+  (void)job->home->RunOnce();
   return 0;
 }
 
@@ -443,7 +482,7 @@ int Commit(thread_data* td) {
 // because the loop blocks inside io_uring). Returns at most `max`.
 int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespec* t) {
   Job* job = GetJob(td);
-  EventLoop& loop = EventLoop::Current();
+  EventLoop& loop = *job->home;
   job->events.clear();
   PostPending(job);  // in case fio waits without committing
   DrainRemote(job);
@@ -454,26 +493,36 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
     DrainRemote(job);
   } else {
     using Clock = std::chrono::steady_clock;
-    bool timed = t != nullptr;
-    Clock::time_point deadline;
-    if (timed)
-      deadline =
+    struct Wait {
+      Job* job;
+      unsigned min;
+      bool timed;
+      Clock::time_point deadline;
+      bool Done() const {
+        DrainRemote(job);
+        return job->completed.size() >= min || job->inflight == 0 ||
+               (timed && Clock::now() >= deadline);
+      }
+    } w{job, min, t != nullptr, {}};
+    if (w.timed)
+      w.deadline =
           Clock::now() + std::chrono::seconds(t->tv_sec) + std::chrono::nanoseconds(t->tv_nsec);
     // A completion on another I/O thread wakes this loop (see StartRemote),
-    // so the predicate sees it without a posted function.
-    loop.RunUntil([&] {
-      DrainRemote(job);
-      return job->completed.size() >= min || job->inflight == 0 ||
-             (timed && Clock::now() >= deadline);
-    });
+    // so the predicate sees it without a posted function. (One captured
+    // pointer: std::function keeps it without allocating.)
+    loop.RunUntil([&w] { return w.Done(); });
     // Pick up whatever else is ready, without blocking.
     while (job->completed.size() < max && loop.RunOnce()) {
     }
     DrainRemote(job);
   }
   size_t n = std::min<size_t>(max, job->completed.size());
-  job->events.assign(job->completed.begin(), job->completed.begin() + n);
-  job->completed.erase(job->completed.begin(), job->completed.begin() + n);
+  if (n == job->completed.size()) {
+    job->events.swap(job->completed);  // the usual case: hand over all of them
+  } else {
+    job->events.assign(job->completed.begin(), job->completed.begin() + n);
+    job->completed.erase(job->completed.begin(), job->completed.begin() + n);
+  }
   return static_cast<int>(n);
 }
 
@@ -497,6 +546,8 @@ ioengine_ops MakeOps() {
   ops.open_file = OpenFile;
   ops.close_file = CloseFile;
   ops.invalidate = Invalidate;
+  ops.io_u_init = IoUInit;
+  ops.io_u_free = IoUFree;
   ops.options = g_options;
   ops.option_struct_size = sizeof(EngineOptions);
   return ops;

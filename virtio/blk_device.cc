@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <utility>
 
 #include "virtio/byte_order.h"
@@ -442,6 +444,10 @@ void BlkDevice::StartRequest(int index, DescriptorChain chain, const BlkLimits& 
   const uint32_t used_len = req.used_len;
   // The buffers stay mapped until the request is completed.
   std::shared_ptr<const GuestMemory> mem = q.vq->memory();
+  if (req.type == BlkRequestType::kIn && req.data_len > 0) {
+    StartGuestRead(std::move(req), index, generation, std::move(mem));
+    return;
+  }
   try {
     Spawn(Execute(std::move(req)),
           [this, index, generation, head, status_ptr, used_len, mem](uint8_t status) {
@@ -450,6 +456,50 @@ void BlkDevice::StartRequest(int index, DescriptorChain chain, const BlkLimits& 
   } catch (...) {
     // A coroutine frame could not be allocated, so nothing started (Execute
     // itself never lets an exception out once running).
+    Complete(index, generation, head, status_ptr, vblk::kStatusIoErr, used_len);
+  }
+}
+
+struct BlkDevice::GuestRead {
+  ReadRequest rr;
+  BlkRequest req;  // owns the iovecs rr points to
+  std::shared_ptr<const GuestMemory> mem;
+  BlkDevice* dev = nullptr;
+  int index = 0;
+  uint64_t generation = 0;
+};
+
+void BlkDevice::StartGuestRead(BlkRequest req, int index, uint64_t generation,
+                               std::shared_ptr<const GuestMemory> mem) {
+  const uint16_t head = req.head;
+  uint8_t* status_ptr = req.status;
+  const uint32_t used_len = req.used_len;
+  GuestRead* r;
+  try {
+    r = new GuestRead;
+  } catch (const std::bad_alloc&) {
+    Complete(index, generation, head, status_ptr, vblk::kStatusIoErr, used_len);
+    return;
+  }
+  r->req = std::move(req);
+  r->mem = std::move(mem);
+  r->dev = this;
+  r->index = index;
+  r->generation = generation;
+  r->rr.offset = r->req.sector * vblk::kSectorSize;  // range-checked by the parser
+  r->rr.iov = r->req.data.data();
+  r->rr.iovcnt = static_cast<int>(r->req.data.size());
+  r->rr.user = r;
+  r->rr.done = [](ReadRequest* rr, Status st) {
+    std::unique_ptr<GuestRead> g(static_cast<GuestRead*>(rr->user));
+    g->dev->Complete(g->index, g->generation, g->req.head, g->req.status,
+                     st.ok() ? vblk::kStatusOk : vblk::kStatusIoErr, g->req.used_len);
+  };
+  try {
+    disk_.StartRead(&r->rr);
+  } catch (const std::bad_alloc&) {
+    // Nothing started (StartRead throws only before it starts anything).
+    delete r;
     Complete(index, generation, head, status_ptr, vblk::kStatusIoErr, used_len);
   }
 }

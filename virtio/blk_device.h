@@ -7,10 +7,12 @@
 // completed into the new one) and the NEEDS_RESET error, if any.
 //
 // Request life: Kick() pops a chain, ParseBlkRequest() checks it, and either
-// it is answered at once (a guest error) or Execute() runs as a coroutine on
-// the disk. Either way Complete() runs exactly once per popped chain: status
-// byte, used ring, interrupt. Execute() converts any exception from the disk
-// layer into IOERR, so nothing escapes the detached coroutine.
+// it is answered at once (a guest error), or a read goes to the disk's
+// StartRead, or Execute() runs as a coroutine on the disk. Either way
+// Complete() runs exactly once per popped chain: status byte, used ring,
+// interrupt. Execute() converts any exception from the disk layer into
+// IOERR, so nothing escapes the detached coroutine; StartRead reports one
+// as an error status.
 //
 // Threading: see virtio_blk.h; LoopForQueue() is the one place that maps a
 // queue to the loop that serves it, OnQueueLoop() how the control thread
@@ -125,6 +127,11 @@ class BlkDevice final : public VirtioBlkDevice {
   VirtioStatus EnableQueueOnLoop(int index);
   std::array<uint8_t, vblk::kConfigSize> BuildConfig() const;
   void StartRequest(int index, DescriptorChain chain, const BlkLimits& limits);
+  // A guest read (the common request) goes to BlockDevice::StartRead and
+  // completes from its callback, without a coroutine of its own.
+  struct GuestRead;
+  void StartGuestRead(BlkRequest req, int index, uint64_t generation,
+                      std::shared_ptr<const GuestMemory> mem);
   Task<uint8_t> Execute(BlkRequest req);
   // After a used-ring push on queue `index`: interrupts the driver if it
   // asked for it. Inside a loop pass the decision waits for the pass end, so

@@ -11,80 +11,96 @@ void ResumeWaiter(const LockWaiter& w) {
 }
 
 bool AsyncSharedMutex::TryLockShared() {
-  std::lock_guard<std::mutex> l(mu_);
-  if (writer_ || !waiters_.empty()) return false;
-  ++readers_;
+  uint32_t s = state_.load(std::memory_order_relaxed);
+  do {
+    if (s & (kWriter | kWaiters)) return false;
+  } while (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire,
+                                         std::memory_order_relaxed));
   return true;
 }
 
 bool AsyncSharedMutex::TryLockExclusive() {
-  std::lock_guard<std::mutex> l(mu_);
-  if (writer_ || readers_ > 0 || !waiters_.empty()) return false;
-  writer_ = true;
-  return true;
+  uint32_t expected = 0;  // no readers, no writer, nobody queued
+  return state_.compare_exchange_strong(expected, kWriter, std::memory_order_acquire,
+                                        std::memory_order_relaxed);
 }
 
 bool AsyncSharedMutex::Enqueue(std::coroutine_handle<> h, bool exclusive) {
   std::lock_guard<std::mutex> l(mu_);
-  if (waiters_.empty()) {
-    if (exclusive && !writer_ && readers_ == 0) {
-      writer_ = true;
-      return false;
-    }
-    if (!exclusive && !writer_) {
-      ++readers_;
+  // Queued first, so that a failed allocation leaves the state untouched
+  // (a waiters bit with nobody queued would stop every reader).
+  waiters_.push_back(LockWaiter{h, &EventLoop::Current(), exclusive});
+  uint32_t s = state_.load(std::memory_order_relaxed);
+  while (!(s & kWaiters)) {
+    // Nobody queued: take the lock if the state allows, else raise the
+    // waiters bit. The compare-and-swap fails if a reader came or went.
+    const bool grant = exclusive ? s == 0 : !(s & kWriter);
+    const uint32_t next = grant ? (exclusive ? kWriter : s + 1) : (s | kWaiters);
+    if (state_.compare_exchange_weak(s, next, std::memory_order_acq_rel,
+                                     std::memory_order_relaxed)) {
+      if (!grant) break;
+      waiters_.pop_back();
       return false;
     }
   }
-  waiters_.push_back(LockWaiter{h, &EventLoop::Current(), exclusive});
   return true;
 }
 
 void AsyncSharedMutex::GrantLocked(std::vector<LockWaiter>* to_resume) {
+  // While the waiters bit is set, the word changes only under mu_.
+  uint32_t s = state_.load(std::memory_order_acquire);
   while (!waiters_.empty()) {
-    LockWaiter& w = waiters_.front();
+    const LockWaiter w = waiters_.front();
     if (w.exclusive) {
-      if (writer_ || readers_ > 0) return;
-      writer_ = true;
-      to_resume->push_back(w);
-      waiters_.pop_front();
-      return;
+      if (s & (kWriter | kReaderMask)) break;
+      s = state_.fetch_or(kWriter, std::memory_order_acq_rel) | kWriter;
+    } else {
+      if (s & kWriter) break;
+      s = state_.fetch_add(1, std::memory_order_acq_rel) + 1;
     }
-    if (writer_) return;
-    ++readers_;
     to_resume->push_back(w);
     waiters_.pop_front();
+    if (w.exclusive) break;
   }
+  if (waiters_.empty()) state_.fetch_and(~kWaiters, std::memory_order_acq_rel);
 }
 
 void AsyncSharedMutex::UnlockShared() {
-  std::vector<LockWaiter> wake;  // empty: no allocation (a deque would allocate)
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    --readers_;
-    GrantLocked(&wake);
+  uint32_t s = state_.load(std::memory_order_relaxed);
+  while (!(s & kWaiters)) {
+    if (state_.compare_exchange_weak(s, s - 1, std::memory_order_release,
+                                     std::memory_order_relaxed)) {
+      return;
+    }
   }
-  for (auto& w : wake) ResumeWaiter(w);
+  UnlockSlow(1);
 }
 
 void AsyncSharedMutex::UnlockExclusive() {
-  std::vector<LockWaiter> wake;
+  uint32_t expected = kWriter;  // nobody queued
+  if (state_.compare_exchange_strong(expected, 0, std::memory_order_release,
+                                     std::memory_order_relaxed)) {
+    return;
+  }
+  UnlockSlow(kWriter);
+}
+
+void AsyncSharedMutex::UnlockSlow(uint32_t release) {
+  std::vector<LockWaiter> wake;  // empty: no allocation (a deque would allocate)
   {
     std::lock_guard<std::mutex> l(mu_);
-    writer_ = false;
+    state_.fetch_sub(release, std::memory_order_acq_rel);
     GrantLocked(&wake);
   }
   for (auto& w : wake) ResumeWaiter(w);
 }
 
 int AsyncSharedMutex::readers() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return readers_;
+  return static_cast<int>(state_.load(std::memory_order_acquire) & kReaderMask);
 }
 
 bool AsyncSharedMutex::held_exclusive() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return writer_;
+  return (state_.load(std::memory_order_acquire) & kWriter) != 0;
 }
 
 void AsyncEvent::Set() {

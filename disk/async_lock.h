@@ -4,9 +4,17 @@
 //
 // Grants are FIFO. AsyncSharedMutex queues new readers behind a waiting
 // writer so that exclusive users (L1 growth, snapshot copy) cannot starve.
+//
+// AsyncSharedMutex keeps its state in one atomic word: the reader count,
+// a writer bit and a waiters bit (set exactly while the queue is
+// non-empty). Every request takes it shared, so a shared lock and unlock
+// with nobody waiting are one compare-and-swap each; everything else goes
+// through mu_, and changes the word with compare-and-swap too, so that a
+// decision made under mu_ holds against readers coming and going.
 #ifndef KVBLK_DISK_ASYNC_LOCK_H_
 #define KVBLK_DISK_ASYNC_LOCK_H_
 
+#include <atomic>
 #include <coroutine>
 #include <cstdint>
 #include <deque>
@@ -55,12 +63,20 @@ class AsyncSharedMutex {
   };
   // Returns false (do not suspend) if the lock was granted meanwhile.
   bool Enqueue(std::coroutine_handle<> h, bool exclusive);
+  // Grants the queue's head (and the readers right behind it) what the
+  // state allows. Requires mu_.
   void GrantLocked(std::vector<LockWaiter>* to_resume);
+  // UnlockShared/UnlockExclusive when someone waits: `release` is what the
+  // caller gives back (one reader or the writer bit).
+  void UnlockSlow(uint32_t release);
 
-  mutable std::mutex mu_;
-  int readers_ = 0;
-  bool writer_ = false;
-  std::deque<LockWaiter> waiters_;
+  static constexpr uint32_t kWriter = 1u << 31;
+  static constexpr uint32_t kWaiters = 1u << 30;
+  static constexpr uint32_t kReaderMask = kWaiters - 1;
+
+  std::atomic<uint32_t> state_{0};
+  std::mutex mu_;                   // guards waiters_; see the file comment
+  std::deque<LockWaiter> waiters_;  // empty exactly when kWaiters is clear
 };
 
 // An exclusive-only coroutine mutex.

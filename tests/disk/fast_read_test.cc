@@ -82,6 +82,29 @@ void ExpectFilled(const std::vector<uint8_t>& buf, size_t from, size_t to, uint8
   for (size_t i = from; i < to; ++i) ASSERT_EQ(buf[i], want) << "at byte " << i;
 }
 
+// MustOpen, then one read each way at offset 0 so that the first L2 table
+// is cached.
+std::unique_ptr<BlockDevice> MustOpenWarm(const std::string& path, bool direct = false) {
+  auto dev = MustOpen(path, direct);
+  if (dev) ReadBothWays(dev.get(), 0, 4096);
+  return dev;
+}
+
+// A qcow2 image of `size` whose first `written` bytes hold `pattern`,
+// opened read-only, with its first L2 table cached (one read each way).
+std::unique_ptr<BlockDevice> OpenWarm(const TempDir& dir, const std::string& size,
+                                      const std::string& written, int pattern,
+                                      bool direct = false) {
+  const std::string img = dir.File("a.qcow2");
+  if (Sh("qemu-img create -q -f qcow2 " + img + " " + size).exit_code != 0 ||
+      Sh("qemu-io -c 'write -P " + std::to_string(pattern) + " 0 " + written + "' " + img)
+              .exit_code != 0) {
+    ADD_FAILURE() << "could not make " << img;
+    return nullptr;
+  }
+  return MustOpenWarm(img, direct);
+}
+
 TEST(FastRead, MappedReadsTakeTheFastPathOnceTheTableIsCached) {
   TempDir dir;
   const std::string img = dir.File("a.qcow2");
@@ -126,10 +149,8 @@ TEST(FastRead, OtherMappingsGoDownTheSlowPathWithTheSameBytes) {
                img)
                 .exit_code,
             0);
-  auto dev = MustOpen(img);
+  auto dev = MustOpenWarm(img);  // all of these lie in the first L2 table
   ASSERT_NE(dev, nullptr);
-  // Load the L2 table (all of these lie in the first one).
-  ReadBothWays(dev.get(), 0, 4096);
   const uint64_t fast_before = FastReads(dev.get());
 
   auto split = ReadBothWays(dev.get(), 5 * kCluster - 4096, 8192);  // host order broken
@@ -156,9 +177,8 @@ TEST(FastRead, CompressedClustersGoDownTheSlowPath) {
                raw + " && qemu-img convert -c -O qcow2 " + raw + " " + img)
                 .exit_code,
             0);
-  auto dev = MustOpen(img);
+  auto dev = MustOpenWarm(img);
   ASSERT_NE(dev, nullptr);
-  ReadBothWays(dev.get(), 0, 4096);
   const uint64_t fast_before = FastReads(dev.get());
   auto c = ReadBothWays(dev.get(), kCluster + 100, 5000);
   ExpectFilled(c, 0, c.size(), 0x77);
@@ -168,12 +188,8 @@ TEST(FastRead, CompressedClustersGoDownTheSlowPath) {
 
 TEST(FastRead, ARequestPastTheEndFailsAsReadFails) {
   TempDir dir;
-  const std::string img = dir.File("a.qcow2");
-  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 1M").exit_code, 0);
-  ASSERT_EQ(Sh("qemu-io -c 'write -P 1 0 1M' " + img).exit_code, 0);
-  auto dev = MustOpen(img);
+  auto dev = OpenWarm(dir, "1M", "1M", 1);
   ASSERT_NE(dev, nullptr);
-  ReadBothWays(dev.get(), 0, 4096);
   std::vector<uint8_t> buf(4096);
   Status by_read = RunSync(dev->Read(1024 * 1024 - 512, buf.data(), buf.size()));
   Status by_start = StartReadSync(dev.get(), 1024 * 1024 - 512, buf.data(), buf.size());
@@ -185,12 +201,8 @@ TEST(FastRead, ARequestPastTheEndFailsAsReadFails) {
 
 TEST(FastRead, DirectReadsBounceUnalignedBuffersAndSendAlignedOnesFast) {
   TempDir dir;
-  const std::string img = dir.File("a.qcow2");
-  ASSERT_EQ(Sh("qemu-img create -q -f qcow2 " + img + " 4M").exit_code, 0);
-  ASSERT_EQ(Sh("qemu-io -c 'write -P 0x3c 0 1M' " + img).exit_code, 0);
-  auto dev = MustOpen(img, /*direct=*/true);
+  auto dev = OpenWarm(dir, "4M", "1M", 0x3c, /*direct=*/true);
   ASSERT_NE(dev, nullptr);
-  ReadBothWays(dev.get(), 0, 4096);
   const uint64_t fast_before = FastReads(dev.get());
 
   std::vector<uint8_t> storage(8192 + 1);

@@ -3,9 +3,10 @@
 // An operation is an IoOp that lives in the awaiting coroutine's frame (or,
 // for the callback form, in its owner's state). The engine fills in
 // `result` (bytes transferred, or -errno) and, from Reap() on the loop's
-// thread, calls Complete(): it resumes `waiter`, or calls `on_done`. The io_uring engine is the
-// default; the thread-pool engine (preadv/pwritev on worker threads) takes
-// over when io_uring cannot be set up, or when KVBLK_IO=threads.
+// thread, calls Complete(): it resumes `waiter`, or calls `on_done`. The
+// io_uring engine is the default; the thread-pool engine (preadv/pwritev on
+// worker threads) takes over when io_uring cannot be set up, or when
+// KVBLK_IO=threads.
 #ifndef KVBLK_DISK_IO_ENGINE_H_
 #define KVBLK_DISK_IO_ENGINE_H_
 

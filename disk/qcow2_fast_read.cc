@@ -67,8 +67,12 @@ struct Qcow2Device::FastRead : IoOp {
 };
 
 void Qcow2Device::StartRead(ReadRequest* req) {
-  if (TryStartFastRead(req)) return;
-  BlockDevice::StartRead(req);
+  bool started = false;
+  try {
+    started = TryStartFastRead(req);
+  } catch (const std::bad_alloc&) {  // nothing held; Read() reports it
+  }
+  if (!started) BlockDevice::StartRead(req);
 }
 
 bool Qcow2Device::TryStartFastRead(ReadRequest* req) {

@@ -32,7 +32,11 @@ Task<Status> ReadForStartRead(BlockDevice* dev, ReadRequest* req) {
 }  // namespace
 
 void BlockDevice::StartRead(ReadRequest* req) {
-  Spawn(ReadForStartRead(this, req), [req](Status st) { req->done(req, std::move(st)); });
+  try {
+    Spawn(ReadForStartRead(this, req), [req](Status st) { req->done(req, std::move(st)); });
+  } catch (const std::bad_alloc&) {  // no coroutine frame: nothing started
+    req->done(req, Status(StatusCode::kIoError, "out of memory starting a read"));
+  }
 }
 
 Task<Status> BlockDevice::WriteCompressed(uint64_t, const void*, size_t) {

@@ -495,13 +495,7 @@ void BlkDevice::StartGuestRead(BlkRequest req, int index, uint64_t generation,
     g->dev->Complete(g->index, g->generation, g->req.head, g->req.status,
                      st.ok() ? vblk::kStatusOk : vblk::kStatusIoErr, g->req.used_len);
   };
-  try {
-    disk_.StartRead(&r->rr);
-  } catch (const std::bad_alloc&) {
-    // Nothing started (StartRead throws only before it starts anything).
-    delete r;
-    Complete(index, generation, head, status_ptr, vblk::kStatusIoErr, used_len);
-  }
+  disk_.StartRead(&r->rr);  // never throws; done() always runs
 }
 
 Task<uint8_t> BlkDevice::Execute(BlkRequest req) {

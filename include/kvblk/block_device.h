@@ -127,8 +127,9 @@ class BlockDevice {
   // (a virtqueue, fio's engine): same result and the same guarantees, but
   // a qcow2 read of data that lies in one host extent with its L2 table
   // cached goes straight to the event loop's io_uring, without a coroutine.
-  // Anything else runs Read(); running out of memory on the way is an
-  // IoError. The calling thread must run its EventLoop.
+  // Anything else runs Read(). Never throws: running out of memory on the
+  // way is an IoError passed to `done`. The calling thread must run its
+  // EventLoop.
   virtual void StartRead(ReadRequest* req);
 };
 

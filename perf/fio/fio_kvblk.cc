@@ -358,6 +358,14 @@ void Finish(Job* job, io_u* u, const Status& st) {
     fprintf(stderr, "fio-kvblk: %s\n", st.ToString().c_str());
 }
 
+// Finish() for an io_u that ran on the job's own loop: it is ready for
+// getevents(). Home loop only.
+void FinishHere(Job* job, io_u* u, const Status& st) {
+  Finish(job, u, st);
+  --job->inflight;
+  job->completed.push_back(u);
+}
+
 // On an I/O thread other than the job's: starts `u` on that thread's loop;
 // its completion goes to remote_done and wakes the job's loop (only when
 // the list was empty: the job drains it all at once).
@@ -418,9 +426,7 @@ int IoUInit(thread_data* td, io_u* u) {
   s->req.user = s;
   s->req.done = [](kvblk::ReadRequest* req, Status st) {
     auto* slot = static_cast<Slot*>(req->user);
-    Finish(slot->job, slot->u, st);
-    --slot->job->inflight;
-    slot->job->completed.push_back(slot->u);
+    FinishHere(slot->job, slot->u, st);
   };
   u->engine_data = s;
   return 0;
@@ -460,11 +466,7 @@ fio_q_status Queue(thread_data* td, io_u* u) {
     dev->StartRead(&s->req);
     return FIO_Q_QUEUED;
   }
-  kvblk::Spawn(Submit(dev, u), [job, u](Status st) {
-    Finish(job, u, st);
-    --job->inflight;
-    job->completed.push_back(u);
-  });
+  kvblk::Spawn(Submit(dev, u), [job, u](Status st) { FinishHere(job, u, st); });
   return FIO_Q_QUEUED;
 }
 

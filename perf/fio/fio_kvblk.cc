@@ -133,6 +133,36 @@ int ErrnoFor(const Status& st) {
 
 constexpr unsigned kMaxIoThreads = 64;
 
+// Completed io_us waiting for getevents(), oldest first. fio often takes
+// them one at a time (iodepth_batch_complete_max defaults to 1), so Take()
+// moves a cursor instead of the rest of the list.
+class Completions {
+ public:
+  void Reserve(size_t n) { v_.reserve(n); }
+  void Push(io_u* u) { v_.push_back(u); }
+  void Append(const std::vector<io_u*>& us) { v_.insert(v_.end(), us.begin(), us.end()); }
+  size_t size() const { return v_.size() - head_; }
+  bool empty() const { return v_.size() == head_; }
+  // Replaces `out` with the oldest min(max, size()) io_us.
+  void Take(size_t max, std::vector<io_u*>* out) {
+    out->clear();
+    const size_t n = std::min<size_t>(max, size());
+    for (size_t i = 0; i < n; ++i) out->push_back(v_[head_ + i]);
+    head_ += n;
+    if (head_ == v_.size()) {
+      v_.clear();
+      head_ = 0;
+    } else if (head_ >= 64 && head_ * 2 >= v_.size()) {  // amortized: moves at most head_
+      v_.erase(v_.begin(), v_.begin() + static_cast<std::ptrdiff_t>(head_));
+      head_ = 0;
+    }
+  }
+
+ private:
+  std::vector<io_u*> v_;
+  size_t head_ = 0;  // v_[0, head_) were taken
+};
+
 // Per-job state (td->io_ops_data). Everything but `remote_*` is touched only
 // on the job's thread.
 struct Job {
@@ -141,10 +171,11 @@ struct Job {
     std::unique_ptr<BlockDevice> dev;
     int lock_fd = -1;
   };
-  std::vector<File> files;       // indexed by fio_file::fileno
-  std::vector<io_u*> completed;  // done, not yet handed to fio
-  std::vector<io_u*> events;     // handed out by the last getevents()
-  unsigned inflight = 0;         // queued and not yet in `completed`
+  std::vector<File> files;    // indexed by fio_file::fileno
+  Completions completed;      // done, not yet handed to fio
+  std::vector<io_u*> events;  // handed out by the last getevents()
+  unsigned inflight = 0;      // queued and not yet in `completed`
+  unsigned uncommitted = 0;   // queued since the last commit()
   std::atomic<bool> reported_error = false;  // any thread
 
   // iothreads>1: I/O threads 1..N-1 (index i-1 here), the io_us queued for
@@ -233,7 +264,7 @@ int Init(thread_data* td) {
   auto* job = new Job;
   job->opts = o;
   job->events.reserve(td->o.iodepth);
-  job->completed.reserve(td->o.iodepth);
+  job->completed.Reserve(td->o.iodepth);
   td->io_ops_data = job;
   // Create the thread's loop now, not inside the first timed I/O.
   job->home = &EventLoop::Current();
@@ -363,7 +394,7 @@ void Finish(Job* job, io_u* u, const Status& st) {
 void FinishHere(Job* job, io_u* u, const Status& st) {
   Finish(job, u, st);
   --job->inflight;
-  job->completed.push_back(u);
+  job->completed.Push(u);
 }
 
 // On an I/O thread other than the job's: starts `u` on that thread's loop;
@@ -405,7 +436,7 @@ void DrainRemote(Job* job) {
   if (job->threads.empty()) return;
   std::lock_guard<std::mutex> l(job->remote_mu);
   job->inflight -= static_cast<unsigned>(job->remote_done.size());
-  job->completed.insert(job->completed.end(), job->remote_done.begin(), job->remote_done.end());
+  job->completed.Append(job->remote_done);
   job->remote_done.clear();
 }
 
@@ -446,6 +477,7 @@ fio_q_status Queue(thread_data* td, io_u* u) {
     return FIO_Q_COMPLETED;
   }
   ++job->inflight;
+  ++job->uncommitted;
   unsigned t = 0;
   if (!job->threads.empty()) {
     t = job->next_thread;
@@ -471,29 +503,27 @@ fio_q_status Queue(thread_data* td, io_u* u) {
 }
 
 // Hands the queued requests to the kernel (and to the other I/O threads)
-// without waiting.
+// without waiting. fio also calls it before every getevents() that waits;
+// with nothing queued since the last one there is nothing to hand over
+// (getevents() runs the loop itself).
 int Commit(thread_data* td) {
   Job* job = GetJob(td);
-  PostPending(job);
+  if (job->uncommitted == 0) return 0;
+  job->uncommitted = 0;
+  if (!job->threads.empty()) PostPending(job);
   (void)job->home->RunOnce();
   return 0;
 }
 
 // Runs the loop until at least `min` io_us have completed (or, with a
 // timeout, until it expires; the deadline is checked between completions
-// because the loop blocks inside io_uring). Returns at most `max`.
-int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespec* t) {
-  Job* job = GetJob(td);
+// because the loop blocks inside io_uring), then collects what else is
+// ready up to `max`. min == 0 or a zero timeout: no blocking.
+__attribute__((noinline)) void RunForEvents(Job* job, unsigned int min, unsigned int max,
+                                            const timespec* t) {
   EventLoop& loop = *job->home;
-  job->events.clear();
-  PostPending(job);  // in case fio waits without committing
-  DrainRemote(job);
-  bool poll_only = min == 0 || (t != nullptr && t->tv_sec == 0 && t->tv_nsec == 0);
-  if (poll_only) {
-    while (job->completed.size() < max && loop.RunOnce()) {
-    }
-    DrainRemote(job);
-  } else {
+  const bool poll_only = min == 0 || (t != nullptr && t->tv_sec == 0 && t->tv_nsec == 0);
+  if (!poll_only) {
     using Clock = std::chrono::steady_clock;
     struct Wait {
       Job* job;
@@ -513,19 +543,26 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
     // so the predicate sees it without a posted function. (One captured
     // pointer: std::function keeps it without allocating.)
     loop.RunUntil([&w] { return w.Done(); });
-    // Pick up whatever else is ready, without blocking.
-    while (job->completed.size() < max && loop.RunOnce()) {
-    }
+  }
+  while (job->completed.size() < max && loop.RunOnce()) {
+  }
+  DrainRemote(job);
+}
+
+// Returns at least `min` and at most `max` completed io_us (see
+// RunForEvents for `t`).
+int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespec* t) {
+  Job* job = GetJob(td);
+  if (!job->threads.empty()) {
+    PostPending(job);  // in case fio waits without committing
     DrainRemote(job);
   }
-  size_t n = std::min<size_t>(max, job->completed.size());
-  if (n == job->completed.size()) {
-    job->events.swap(job->completed);  // the usual case: hand over all of them
-  } else {
-    job->events.assign(job->completed.begin(), job->completed.begin() + n);
-    job->completed.erase(job->completed.begin(), job->completed.begin() + n);
-  }
-  return static_cast<int>(n);
+  // Usually commit() ran the loop and collected enough (with a fast
+  // device): they are handed over without another pass, and what completes
+  // meanwhile is collected by the next commit() or getevents().
+  if (job->completed.empty() || job->completed.size() < min) RunForEvents(job, min, max, t);
+  job->completed.Take(max, &job->events);
+  return static_cast<int>(job->events.size());
 }
 
 io_u* Event(thread_data* td, int event) { return GetJob(td)->events[event]; }

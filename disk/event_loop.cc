@@ -108,7 +108,9 @@ bool EventLoop::RunPassEnd() {
 
 bool EventLoop::RunOnce() {
   ++pass_depth_;
-  bool did = DrainPosted();
+  // The checks before DrainPosted() and RunPassEnd() keep a pass that has
+  // only I/O to reap (most of them) free of those calls.
+  bool did = posted_any_.load(std::memory_order_acquire) && DrainPosted();
   // Resume only what was ready at the start of the pass; coroutines that
   // become ready meanwhile run in the next pass, after I/O is submitted.
   size_t n = ready_.size();
@@ -120,7 +122,7 @@ bool EventLoop::RunOnce() {
   }
   if (engine_->Reap(false) > 0) did = true;
   --pass_depth_;
-  if (RunPassEnd()) did = true;
+  if (!pass_end_.empty() && RunPassEnd()) did = true;
   return did;
 }
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -198,10 +199,12 @@ class PosixFile final : public File {
   }
 
   bool Aligned(const iovec* iov, int n, uint64_t offset) const {
-    if (offset % align_ != 0) return false;
+    // align_ is a power of two: masks, not divisions (this runs per request).
+    const uint64_t mask = align_ - 1;
+    if ((offset & mask) != 0) return false;
     for (int i = 0; i < n; ++i) {
-      if (reinterpret_cast<uintptr_t>(iov[i].iov_base) % align_ != 0) return false;
-      if (iov[i].iov_len % align_ != 0) return false;
+      if (((reinterpret_cast<uintptr_t>(iov[i].iov_base) | iov[i].iov_len) & mask) != 0)
+        return false;
     }
     return true;
   }
@@ -349,7 +352,13 @@ Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, const FileO
   if (opts.direct) {
     if (blockdev) {
       int lbs = 0;
-      if (ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0) align = static_cast<uint32_t>(lbs);
+      // Logical block sizes are powers of two (Aligned() relies on it).
+      if (ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0 &&
+          std::has_single_bit(static_cast<uint32_t>(lbs))) {
+        align = static_cast<uint32_t>(lbs);
+      } else {
+        align = 4096;
+      }
     } else {
       align = 4096;  // safe for every filesystem and device we run on
     }

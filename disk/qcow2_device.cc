@@ -179,6 +179,7 @@ Task<Status> Qcow2Device::Load(uint64_t file_size, int depth) {
 }
 
 Status Qcow2Device::CheckRequest(uint64_t offset, uint64_t length, bool write) const {
+  if (RequestValid(offset, length, write)) return Status::Ok();
   if (closed_) return Status::InvalidArgument(file_->path() + ": device is closed");
   if (write && read_only_) return Status::ReadOnly(file_->path() + ": image is read-only");
   if (offset > header_.size || length > header_.size - offset) {
@@ -218,7 +219,7 @@ void Qcow2Device::SetL2Entry(TableCache::Handle& h, uint64_t index, uint64_t val
   });
 }
 
-void Qcow2Device::IoPins::Add(const Mapping& m, uint32_t cluster_bits) {
+void Qcow2Device::IoPins::AddOther(const Mapping& m, uint32_t cluster_bits) {
   if (m.type == Mapping::Type::kNormal ||
       (m.type == Mapping::Type::kSubclusters && m.sub_alloc != 0)) {
     Pin(m.host >> cluster_bits);
@@ -341,10 +342,14 @@ bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
   const bool extended = header_.extended_l2();
   bool valid = false;
   bool hit = l2_cache_->Peek(off, [&](const uint8_t* table) {
-    Result<Mapping> r = Decode(LoadBe64(table + at), extended ? LoadBe64(table + at + 8) : 0, gc);
-    if (!r.ok()) return;
+    const uint64_t entry = LoadBe64(table + at);
+    const uint64_t bitmap = extended ? LoadBe64(table + at + 8) : 0;
+    if (!DecodeNormal(entry, bitmap, m)) {
+      Result<Mapping> r = Decode(entry, bitmap, gc);
+      if (!r.ok()) return;
+      *m = *r;
+    }
     valid = true;
-    *m = *r;
     if (pins) pins->Add(*m, cluster_bits_);
   });
   return hit && valid;

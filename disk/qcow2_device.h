@@ -276,9 +276,16 @@ class Qcow2Device final : public BlockDevice {
     IoPins(const IoPins&) = delete;
     IoPins& operator=(const IoPins&) = delete;
     // Pins the host clusters that mapping `m` reads from.
-    void Add(const Mapping& m, uint32_t cluster_bits);
+    void Add(const Mapping& m, uint32_t cluster_bits) {
+      if (m.type == Mapping::Type::kNormal) {
+        Pin(m.host >> cluster_bits);
+      } else {
+        AddOther(m, cluster_bits);
+      }
+    }
 
    private:
+    void AddOther(const Mapping& m, uint32_t cluster_bits);
     void Pin(uint64_t cluster) {
       a_->BeginIo(cluster);
       if (inline_count_ < kInline) {
@@ -300,6 +307,11 @@ class Qcow2Device final : public BlockDevice {
   // Checks a request against the device state. Callers hold image_lock_
   // shared, so that the size cannot change under them.
   Status CheckRequest(uint64_t offset, uint64_t length, bool write) const;
+  // CheckRequest(...).ok() without building a Status (the read fast path's).
+  bool RequestValid(uint64_t offset, uint64_t length, bool write) const {
+    return !closed_.load() && !(write && read_only_) && offset <= header_.size &&
+           length <= header_.size - offset;
+  }
 
   // Runs `t` on the home loop and resumes the caller on its own loop.
   template <typename T>
@@ -334,6 +346,27 @@ class Qcow2Device final : public BlockDevice {
   // subclusters without a host cluster or a compressed cluster with a
   // non-zero bitmap.
   Result<Mapping> Decode(uint64_t entry, uint64_t bitmap, uint64_t guest_cluster) const;
+  // Decode()'s result for the commonest entry, an allocated cluster with no
+  // flag but COPIED (extended: every subcluster allocated). Returns false,
+  // leaving `m` alone, for any other entry: Decode() handles those.
+  bool DecodeNormal(uint64_t entry, uint64_t bitmap, Mapping* m) const {
+    if (header_.extended_l2()) {
+      if (SubclusterAllocBits(bitmap) != kSubclusterAll || SubclusterZeroBits(bitmap) != 0)
+        return false;
+      entry &= ~kOflagZero;  // no meaning with extended entries
+    }
+    const uint64_t host = entry & kL2OffsetMask;
+    if ((entry & ~(kOflagCopied | kL2OffsetMask)) != 0 || host == 0 ||
+        (host & (cluster_size_ - 1)) != 0) {
+      return false;
+    }
+    *m = Mapping{};
+    m->type = Mapping::Type::kNormal;
+    m->host = host;
+    m->copied = (entry & kOflagCopied) != 0;
+    m->sub_alloc = kSubclusterAll;
+    return true;
+  }
   // The descriptor / the subcluster bitmap (0 for standard entries) of entry
   // `index` of table `h`.
   uint64_t L2Entry(const TableCache::Handle& h, uint64_t index) const;

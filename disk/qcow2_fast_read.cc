@@ -82,7 +82,7 @@ bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
   const size_t len = IovTotal(req->iov, req->iovcnt);
   const uint64_t pos = req->offset;
   // Errors (a closed device, a request past the end) are Read's to report.
-  if (len == 0 || !CheckRequest(pos, len, false).ok()) {
+  if (len == 0 || !RequestValid(pos, len, false)) {
     image_lock_.UnlockShared();
     return false;
   }
@@ -94,7 +94,7 @@ bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
     if (ok) {
       const size_t first = static_cast<size_t>(
           std::min<uint64_t>(cluster_size_ - (pos & (cluster_size_ - 1)), len));
-      ok = ExtendCachedRun(pos, pos + len, first, m, &f->pins) == len;
+      ok = first == len || ExtendCachedRun(pos, pos + len, first, m, &f->pins) == len;
     }
   } catch (...) {
     f.reset();

@@ -69,40 +69,37 @@ class UringEngine final : public IoEngine {
   }
 
   int Reap(bool wait) override {
-    io_uring_submit(&ring_);
-    io_uring_cqe* cqe = nullptr;
-    int done = 0;
+    if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
     if (wait) {
+      io_uring_cqe* cqe = nullptr;
       int r;
       do {
         r = io_uring_wait_cqe(&ring_, &cqe);
       } while (r == -EINTR);
     }
-    // Collect first, resume after: a resumed coroutine may submit more.
-    for (;;) {
-      unsigned head;
-      unsigned n = 0;
-      IoOp* batch[64];
-      int nb = 0;
-      io_uring_for_each_cqe(&ring_, head, cqe) {
-        ++n;
-        uint64_t tag = cqe->user_data;
-        if (tag == kWakeTag) {
-          woken_armed_ = false;
-          continue;
-        }
-        auto* op = reinterpret_cast<IoOp*>(tag);
-        op->result = cqe->res;
-        batch[nb++] = op;
-        if (nb == 64) break;
+    // Each completion is consumed (the head advanced) before its operation
+    // completes, so that a completion that runs the loop again, or submits
+    // more, sees a consistent queue. Only the completions present at the
+    // start are taken: a loop that keeps completing work cannot hold the
+    // pass here.
+    int done = 0;
+    unsigned head = *ring_.cq.khead;
+    const unsigned tail = io_uring_smp_load_acquire(ring_.cq.ktail);
+    for (; head != tail; ++head) {
+      const io_uring_cqe* cqe =
+          &ring_.cq.cqes[io_uring_cqe_index(&ring_, head, ring_.cq.ring_mask)];
+      const uint64_t tag = cqe->user_data;
+      const int res = cqe->res;
+      io_uring_smp_store_release(ring_.cq.khead, head + 1);
+      if (tag == kWakeTag) {
+        ArmWake();
+        continue;
       }
-      if (n == 0) break;
-      io_uring_cq_advance(&ring_, n);
-      if (!woken_armed_) ArmWake();
-      inflight_ -= nb;
-      for (int i = 0; i < nb; ++i) batch[i]->Complete();
-      done += nb;
-      if (nb < 64) break;
+      auto* op = reinterpret_cast<IoOp*>(tag);
+      op->result = res;
+      --inflight_;
+      ++done;
+      op->Complete();
     }
     return done;
   }
@@ -130,14 +127,12 @@ class UringEngine final : public IoEngine {
     io_uring_sqe* sqe = GetSqe();
     io_uring_prep_read(sqe, wake_fd_, &wake_buf_, sizeof(wake_buf_), 0);
     io_uring_sqe_set_data64(sqe, kWakeTag);
-    woken_armed_ = true;
   }
 
   io_uring ring_{};
   bool ring_ok_ = false;
   int wake_fd_ = -1;
   uint64_t wake_buf_ = 0;
-  bool woken_armed_ = false;
   int inflight_ = 0;
 };
 

@@ -49,19 +49,19 @@ void TableCache::Handle::Reset() {
 uint8_t* TableCache::Handle::data() const { return e_->data.get(); }
 uint64_t TableCache::Handle::offset() const { return e_->offset; }
 void TableCache::Handle::MarkDirty() {
-  std::lock_guard<std::mutex> l(c_->mu_);
+  std::lock_guard<FutexMutex> l(c_->mu_);
   ++e_->dirty_gen;
 }
 
 // --- Cache ----------------------------------------------------------------
 
 void TableCache::Pin(Entry* e) {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   PinLocked(e);
 }
 
 void TableCache::Unpin(Entry* e) {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   UnpinLocked(e);
 }
 
@@ -102,22 +102,22 @@ TableCache::Entry* TableCache::NewEntryLocked(uint64_t offset) {
 }
 
 size_t TableCache::size() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   return map_.size();
 }
 
 bool TableCache::Contains(uint64_t offset) const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   return map_.count(offset) != 0;
 }
 
 TableCache::Stats TableCache::stats() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   return stats_;
 }
 
 size_t TableCache::dirty_count() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   size_t n = 0;
   for (const auto& [off, e] : map_) {
     if (e->loaded && e->dirty_gen != e->clean_gen) ++n;
@@ -126,7 +126,7 @@ size_t TableCache::dirty_count() const {
 }
 
 std::vector<uint64_t> TableCache::LruOrder() const {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   std::vector<uint64_t> v;
   for (Entry* e : lru_) v.push_back(e->offset);
   return v;
@@ -142,7 +142,7 @@ Task<Status> TableCache::WriteBack(Entry* e) {
   std::unique_ptr<uint8_t[]> copy;
   uint64_t gen = 0;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     if (e->dirty_gen != e->clean_gen) {  // else the write we waited for covered it
       // Snapshot the table so that concurrent changes neither tear the write
       // nor sneak past the owner's ordering checks.
@@ -154,7 +154,7 @@ Task<Status> TableCache::WriteBack(Entry* e) {
   }
   if (copy) {
     st = co_await writer_(e->offset, copy.get());
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     e->writing = false;
     if (st.ok()) {
       ++stats_.writebacks;
@@ -171,7 +171,7 @@ Task<Status> TableCache::MakeRoom() {
     Entry* victim;
     uint64_t off;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      std::lock_guard<FutexMutex> l(mu_);
       if (map_.size() < capacity_ || lru_.empty()) break;
       victim = lru_.front();
       if (victim->dirty_gen == victim->clean_gen) {
@@ -184,7 +184,7 @@ Task<Status> TableCache::MakeRoom() {
     }
     KVBLK_CO_RETURN_IF_ERROR(co_await WriteBack(victim));
     // Evict it now unless someone used or changed it meanwhile.
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     auto it = map_.find(off);
     if (it != map_.end()) {
       Entry* e = it->second.get();
@@ -201,7 +201,7 @@ Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
   Entry* found = nullptr;
   bool loaded = false;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     auto it = map_.find(offset);
     if (it != map_.end() && !it->second->dropped) {
       found = it->second.get();
@@ -223,7 +223,7 @@ Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
   Entry* e;
   {
     // MakeRoom may have suspended: someone else may have started the load.
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     auto it = map_.find(offset);
     if (it != map_.end() && !it->second->dropped) {
       e = nullptr;
@@ -239,7 +239,7 @@ Task<Result<TableCache::Handle>> TableCache::Get(uint64_t offset) {
     st = st.WithContext(name_ + " table at offset " + std::to_string(offset));
   }
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     e->load_status = st;
     e->loaded = st.ok();
   }
@@ -253,7 +253,7 @@ Task<Result<TableCache::Handle>> TableCache::Create(uint64_t offset) {
   KVBLK_CO_RETURN_IF_ERROR(co_await MakeRoom());
   Entry* e;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     DropLocked(offset);  // MakeRoom may have suspended
     e = NewEntryLocked(offset);
     std::memset(e->data.get(), 0, table_size_);
@@ -266,7 +266,7 @@ Task<Result<TableCache::Handle>> TableCache::Create(uint64_t offset) {
 
 Task<Result<TableCache::Handle>> TableCache::Insert(uint64_t offset, const uint8_t* contents) {
   KVBLK_CO_ASSIGN_OR_RETURN(Handle h, co_await Create(offset));
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   std::memcpy(h.e_->data.get(), contents, table_size_);
   h.e_->clean_gen = h.e_->dirty_gen;
   co_return h;
@@ -275,7 +275,7 @@ Task<Result<TableCache::Handle>> TableCache::Insert(uint64_t offset, const uint8
 Task<Status> TableCache::Flush() {
   std::vector<uint64_t> dirty;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     for (const auto& [off, e] : map_) {
       if (e->loaded && !e->dropped && e->dirty_gen != e->clean_gen) dirty.push_back(off);
     }
@@ -283,7 +283,7 @@ Task<Status> TableCache::Flush() {
   for (uint64_t off : dirty) {
     Entry* e;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      std::lock_guard<FutexMutex> l(mu_);
       auto it = map_.find(off);
       if (it == map_.end()) continue;
       e = it->second.get();
@@ -295,7 +295,7 @@ Task<Status> TableCache::Flush() {
 }
 
 void TableCache::Drop(uint64_t offset) {
-  std::lock_guard<std::mutex> l(mu_);
+  std::lock_guard<FutexMutex> l(mu_);
   DropLocked(offset);
 }
 

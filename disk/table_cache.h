@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -31,6 +32,7 @@
 
 #include "disk/async_lock.h"
 #include "disk/file.h"
+#include "disk/futex_mutex.h"
 #include "kvblk/status.h"
 #include "kvblk/task.h"
 
@@ -81,11 +83,11 @@ class TableCache {
   // loop and uses Get()). `fn` must be short and must not block.
   template <typename Fn>
   bool Peek(uint64_t offset, Fn&& fn) {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     auto it = map_.find(offset);
     if (it == map_.end() || !it->second->loaded || it->second->dropped) return false;
     Entry* e = it->second.get();
-    if (e->in_lru) lru_.splice(lru_.end(), lru_, e->lru_it);
+    if (e->in_lru && std::next(e->lru_it) != lru_.end()) lru_.splice(lru_.end(), lru_, e->lru_it);
     ++stats_.hits;
     fn(static_cast<const uint8_t*>(e->data.get()));
     return true;
@@ -94,7 +96,7 @@ class TableCache {
   // cache lock, and marks it dirty. Home loop only.
   template <typename Fn>
   void Modify(Handle& h, Fn&& fn) {
-    std::lock_guard<std::mutex> l(mu_);
+    std::lock_guard<FutexMutex> l(mu_);
     fn(h.e_->data.get());
     ++h.e_->dirty_gen;
   }
@@ -160,7 +162,9 @@ class TableCache {
   Task<Status> WriteBack(Entry* e);
   void EraseLocked(Entry* e);
 
-  mutable std::mutex mu_;
+  // Peek() takes it on every cached read: a FutexMutex, whose uncontended
+  // lock and unlock are one atomic instruction each.
+  mutable FutexMutex mu_;
   std::string name_;
   File* file_;
   uint32_t table_size_;

@@ -78,14 +78,16 @@ class UringEngine final : public IoEngine {
       } while (r == -EINTR);
     }
     // Each completion is consumed (the head advanced) before its operation
-    // completes, so that a completion that runs the loop again, or submits
-    // more, sees a consistent queue. Only the completions present at the
-    // start are taken: a loop that keeps completing work cannot hold the
-    // pass here.
+    // completes, and the head is read again after every completion: one that
+    // runs the loop again (a nested Reap) or submits more sees a consistent
+    // queue and nothing is completed twice. Only the completions present at
+    // the start are taken, so a loop that keeps completing work cannot hold
+    // the pass here.
     int done = 0;
-    unsigned head = *ring_.cq.khead;
     const unsigned tail = io_uring_smp_load_acquire(ring_.cq.ktail);
-    for (; head != tail; ++head) {
+    for (;;) {
+      const unsigned head = *ring_.cq.khead;
+      if (static_cast<int>(tail - head) <= 0) break;
       const io_uring_cqe* cqe =
           &ring_.cq.cqes[io_uring_cqe_index(&ring_, head, ring_.cq.ring_mask)];
       const uint64_t tag = cqe->user_data;

@@ -69,7 +69,12 @@ class UringEngine final : public IoEngine {
   }
 
   int Reap(bool wait) override {
-    if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
+    // Enter the kernel only with something to submit, or when completions
+    // overflowed the ring (io_uring_submit then flushes them into it).
+    if (io_uring_sq_ready(&ring_) > 0 ||
+        (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0) {
+      io_uring_submit(&ring_);
+    }
     if (wait) {
       io_uring_cqe* cqe = nullptr;
       int r;

@@ -1,7 +1,9 @@
 // PosixFile over both I/O engines (io_uring and the thread pool), including
 // O_DIRECT with unaligned buffers.
-#include <gtest/gtest.h>
+#include "disk/io_engine.h"
+
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -10,7 +12,6 @@
 #include <vector>
 
 #include "disk/file.h"
-#include "disk/io_engine.h"
 #include "kvblk/event_loop.h"
 #include "tests/support/test_util.h"
 

@@ -157,6 +157,21 @@ class Images:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
 
+    def drain_trash(self):
+        """Deletes what an earlier run discarded, and waits for it: the
+        deletion empty_trash() leaves running in the background keeps the
+        kernel busy for minutes (discards), which would fall on this run's
+        measurements."""
+        names = os.listdir(self.trash)
+        if names:
+            log("deleting %d image(s) an earlier run discarded, before measuring" % len(names))
+            for name in names:
+                try:
+                    os.unlink(os.path.join(self.trash, name))
+                except FileNotFoundError:  # the earlier run's rm got there first
+                    pass
+        os.sync()  # and the journal commits that carry the discards
+
     def _create(self, path, fmt, size, cluster=None, prealloc="off", fresh=False, ext=False):
         spec = {"fmt": fmt, "size": size, "cluster": cluster, "prealloc": prealloc}
         if ext:
@@ -609,6 +624,7 @@ def main():
     log("kvblk bench: backends %s, %d s per job%s" %
         (",".join(bench.backends), args.runtime, ", quick" if args.quick else ""))
     t0 = time.time()
+    bench.images.drain_trash()
     try:
         bench.run()
     finally:

@@ -29,6 +29,8 @@ void FutexMutex::LockContended(uint32_t seen) {
   }
 }
 
+// Its result needs no check: FUTEX_WAKE on our own word cannot fail, and
+// waking nobody (the sleeper already left) is fine.
 void FutexMutex::WakeOne() {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(&state_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr,
           0);

@@ -352,12 +352,10 @@ Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, const FileO
   if (opts.direct) {
     if (blockdev) {
       int lbs = 0;
-      // Logical block sizes are powers of two (Aligned() relies on it).
-      if (ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0 &&
-          std::has_single_bit(static_cast<uint32_t>(lbs))) {
-        align = static_cast<uint32_t>(lbs);
-      } else {
-        align = 4096;
+      if (ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0) {
+        // Logical block sizes are powers of two; Aligned() relies on it, so
+        // anything else falls back to the 4096 that suits every device.
+        align = std::has_single_bit(static_cast<uint32_t>(lbs)) ? static_cast<uint32_t>(lbs) : 4096;
       }
     } else {
       align = 4096;  // safe for every filesystem and device we run on

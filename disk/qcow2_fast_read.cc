@@ -20,7 +20,6 @@
 // runs Read(), so the fast path changes the cost of a read, never its
 // result.
 #include <algorithm>
-#include <memory>
 #include <new>
 
 #include "disk/iov.h"
@@ -29,18 +28,24 @@
 
 namespace kvblk::qcow2 {
 
+// Lives in the request's device_state from StartRead until `done`: a read
+// allocates nothing.
 struct Qcow2Device::FastRead : IoOp {
   FastRead(Qcow2Device* d, ReadRequest* r) : dev(d), req(r), pins(d->alloc_.get()) {}
 
-  // The pool that holds coroutine frames suits these as well.
-  static void* operator new(size_t n) { return internal::AllocFrame(n); }
-  static void operator delete(void* p, size_t n) noexcept { internal::FreeFrameMemory(p, n); }
+  static FastRead* Create(Qcow2Device* d, ReadRequest* r) {
+    static_assert(sizeof(FastRead) <= ReadRequest::kDeviceStateSize);
+    static_assert(alignof(FastRead) <= 16);  // device_state is alignas(16)
+    return new (r->device_state) FastRead(d, r);
+  }
+  // Ends `f`'s lifetime (releasing its pins).
+  static void Destroy(FastRead* f) { f->~FastRead(); }
 
   // Releases the pins and the lock, then reports `st`.
   static void Finish(FastRead* f, Status st) {
     ReadRequest* req = f->req;
     Qcow2Device* dev = f->dev;
-    delete f;  // unpins
+    Destroy(f);
     dev->image_lock_.UnlockShared();
     req->done(req, std::move(st));
   }
@@ -76,8 +81,6 @@ void Qcow2Device::StartRead(ReadRequest* req) {
 }
 
 bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
-  // Allocated first: if that throws, nothing is held yet.
-  auto f = std::unique_ptr<FastRead>(new FastRead(this, req));
   if (!image_lock_.TryLockShared()) return false;
   const size_t len = IovTotal(req->iov, req->iovcnt);
   const uint64_t pos = req->offset;
@@ -86,6 +89,7 @@ bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
     image_lock_.UnlockShared();
     return false;
   }
+  FastRead* f = FastRead::Create(this, req);
   Mapping m;
   bool ok;
   try {  // pinning more than a few clusters allocates
@@ -97,7 +101,7 @@ bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
       ok = first == len || ExtendCachedRun(pos, pos + len, first, m, &f->pins) == len;
     }
   } catch (...) {
-    f.reset();
+    FastRead::Destroy(f);
     image_lock_.UnlockShared();
     throw;
   }
@@ -105,16 +109,15 @@ bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
     f->host = m.host + (pos & (cluster_size_ - 1));
     f->want = len;
     f->on_done = &FastRead::OnIoDone;
-    ok = file_->StartReadV(req->iov, req->iovcnt, f->host, f.get());
+    ok = file_->StartReadV(req->iov, req->iovcnt, f->host, f);
   }
   if (!ok) {
-    f.reset();  // unpins
+    FastRead::Destroy(f);  // unpins
     image_lock_.UnlockShared();
     return false;
   }
   fast_reads_.fetch_add(1, std::memory_order_relaxed);
-  f.release();  // FastRead::Finish deletes it
-  return true;
+  return true;  // FastRead::Finish ends f
 }
 
 }  // namespace kvblk::qcow2

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "disk/io_engine.h"
@@ -70,10 +72,10 @@ class UringEngine final : public IoEngine {
 
   int Reap(bool wait) override {
     // Enter the kernel only with something to submit, or when completions
-    // overflowed the ring (io_uring_submit then flushes them into it).
+    // overflowed the ring (the submission then flushes them into it).
     if (io_uring_sq_ready(&ring_) > 0 ||
         (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0) {
-      io_uring_submit(&ring_);
+      Enter();
     }
     if (wait) {
       io_uring_cqe* cqe = nullptr;
@@ -81,6 +83,7 @@ class UringEngine final : public IoEngine {
       do {
         r = io_uring_wait_cqe(&ring_, &cqe);
       } while (r == -EINTR);
+      if (r < 0) Fail("waiting for a completion", r);
     }
     // Each completion is consumed (the head advanced) before its operation
     // completes, and the head is read again after every completion: one that
@@ -124,10 +127,24 @@ class UringEngine final : public IoEngine {
   io_uring_sqe* GetSqe() {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     while (sqe == nullptr) {
-      io_uring_submit(&ring_);
+      Enter();
       sqe = io_uring_get_sqe(&ring_);
     }
     return sqe;
+  }
+
+  // Submits what is queued. A kernel short of memory or of completion
+  // space (EAGAIN, EBUSY) leaves the submissions queued for the next call.
+  // Any other failure means the ring is unusable and every request on it
+  // would hang: that is fatal.
+  void Enter() {
+    int r = io_uring_submit(&ring_);
+    if (r < 0 && r != -EAGAIN && r != -EBUSY && r != -EINTR) Fail("io_uring_enter", r);
+  }
+
+  [[noreturn]] static void Fail(const char* what, int err) {
+    std::fprintf(stderr, "kvblk: io_uring engine: %s: %s\n", what, std::strerror(-err));
+    std::abort();
   }
 
   void ArmWake() {

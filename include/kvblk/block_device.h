@@ -11,6 +11,7 @@
 
 #include <sys/uio.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -89,6 +90,11 @@ struct ReadRequest {
   // Read() would have given.
   void (*done)(ReadRequest* req, Status st) = nullptr;
   void* user = nullptr;  // the caller's; kvblk does not touch it
+  // The device's, from StartRead until `done` is called: the qcow2 read
+  // fast path keeps its I/O operation and cluster pins here instead of
+  // allocating them per read. The caller neither reads nor writes it.
+  static constexpr size_t kDeviceStateSize = 256;
+  alignas(16) unsigned char device_state[kDeviceStateSize];
 };
 
 class BlockDevice {

@@ -133,22 +133,24 @@ int ErrnoFor(const Status& st) {
 
 constexpr unsigned kMaxIoThreads = 64;
 
-// Completed io_us waiting for getevents(), oldest first. fio often takes
-// them one at a time (iodepth_batch_complete_max defaults to 1), so Take()
-// moves a cursor instead of the rest of the list.
+// Completed io_us, oldest first: those handed to fio by the last
+// getevents() (read back one by one through event()), then those waiting
+// for the next one. fio often takes them one at a time
+// (iodepth_batch_complete_max defaults to 1), so handing out and taking back
+// move cursors instead of copying the list.
 class Completions {
  public:
   void Reserve(size_t n) { v_.reserve(n); }
   void Push(io_u* u) { v_.push_back(u); }
   void Append(const std::vector<io_u*>& us) { v_.insert(v_.end(), us.begin(), us.end()); }
-  size_t size() const { return v_.size() - head_; }
-  bool empty() const { return v_.size() == head_; }
-  // Replaces `out` with the oldest min(max, size()) io_us.
-  void Take(size_t max, std::vector<io_u*>* out) {
-    out->clear();
-    const size_t n = std::min<size_t>(max, size());
-    for (size_t i = 0; i < n; ++i) out->push_back(v_[head_ + i]);
-    head_ += n;
+  // Waiting: not handed out yet.
+  size_t size() const { return v_.size() - head_ - handed_; }
+  bool empty() const { return size() == 0; }
+  // Takes back the last batch handed out and hands out the oldest
+  // min(max, size()) waiting io_us, returning how many: Handed(i) for i
+  // below that, until the next Hand().
+  size_t Hand(size_t max) {
+    head_ += handed_;
     if (head_ == v_.size()) {
       v_.clear();
       head_ = 0;
@@ -156,11 +158,15 @@ class Completions {
       v_.erase(v_.begin(), v_.begin() + static_cast<std::ptrdiff_t>(head_));
       head_ = 0;
     }
+    handed_ = std::min<size_t>(max, v_.size() - head_);  // (fio defines a min macro)
+    return handed_;
   }
+  io_u* Handed(size_t i) const { return v_[head_ + i]; }
 
  private:
   std::vector<io_u*> v_;
-  size_t head_ = 0;  // v_[0, head_) were taken
+  size_t head_ = 0;    // v_[0, head_) were handed out and taken back
+  size_t handed_ = 0;  // v_[head_, head_ + handed_) are fio's now
 };
 
 // Per-job state (td->io_ops_data). Everything but `remote_*` is touched only
@@ -172,8 +178,7 @@ struct Job {
     int lock_fd = -1;
   };
   std::vector<File> files;    // indexed by fio_file::fileno
-  Completions completed;      // done, not yet handed to fio
-  std::vector<io_u*> events;  // handed out by the last getevents()
+  Completions completed;      // done: waiting for getevents(), or handed out by the last one
   unsigned inflight = 0;      // queued and not yet in `completed`
   unsigned uncommitted = 0;   // queued since the last commit()
   std::atomic<bool> reported_error = false;  // any thread
@@ -263,7 +268,6 @@ int Init(thread_data* td) {
   if (!ValidateOptions(o)) return 1;
   auto* job = new Job;
   job->opts = o;
-  job->events.reserve(td->o.iodepth);
   job->completed.Reserve(td->o.iodepth);
   td->io_ops_data = job;
   // Create the thread's loop now, not inside the first timed I/O.
@@ -561,11 +565,12 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
   // device): they are handed over without another pass, and what completes
   // meanwhile is collected by the next commit() or getevents().
   if (job->completed.empty() || job->completed.size() < min) RunForEvents(job, min, max, t);
-  job->completed.Take(max, &job->events);
-  return static_cast<int>(job->events.size());
+  return static_cast<int>(job->completed.Hand(max));
 }
 
-io_u* Event(thread_data* td, int event) { return GetJob(td)->events[event]; }
+io_u* Event(thread_data* td, int event) {
+  return GetJob(td)->completed.Handed(static_cast<size_t>(event));
+}
 
 // No page cache of fio's to drop: the file is kvblk's.
 int Invalidate(thread_data*, fio_file*) { return 0; }

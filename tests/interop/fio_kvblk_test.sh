@@ -38,7 +38,7 @@ ok() { echo "ok - $*"; }
 not_ok() { echo "not ok - $*"; failures=$((failures + 1)); }
 
 # The lines of a fio log that say what went wrong.
-why() { grep -m3 -E 'verify: bad|fio-kvblk:|fio: |err=' "$1" | tr '\n' ' '; }
+why() { grep -m3 -E 'verify: bad|fio-kvblk:|fio: |err=|Sanitizer|runtime error' "$1" | tr '\n' ' '; }
 
 # fio with the engine loadable: "${fio_kvblk[@]}" ARGS... (the sanitizer's
 # runtime first, if any; fio's own allocations are not kvblk's to answer

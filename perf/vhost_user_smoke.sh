@@ -32,19 +32,12 @@ failures=0
 ok() { echo "ok - $*"; }
 not_ok() { echo "not ok - $*"; failures=$((failures + 1)); }
 
-# KVBLK_FIO_ENGINE: a prebuilt engine (make asan / make tsan pass the plain
-# build's: fio cannot load one linked against a sanitized libkvblk, and the
-# engine only speaks vhost-user, so any build of it tests the back end).
-if [ -n "${KVBLK_FIO_ENGINE:-}" ]; then
-  engine=$KVBLK_FIO_ENGINE
-  [ -f "$engine" ] || { not_ok "KVBLK_FIO_ENGINE=$engine exists"; exit 1; }
-else
-  engine=$build/perf/fio-vhost-user.so
-  if ! make --no-print-directory -s -f perf/Makefile BUILD="$build" "$engine" >/dev/null; then
-    not_ok "build $engine"
-    exit 1
-  fi
-fi
+# The engine: built here, or the prebuilt one KVBLK_FIO_ENGINE names
+# (make asan / make tsan pass the plain build's; see tap_engine).
+TOP=$top
+source "$top/tests/support/tap.sh"
+tap_engine "$build"
+engine=$ENGINE
 for tool in fio qemu-img; do
   command -v $tool >/dev/null || { not_ok "$tool is installed"; exit 1; }
 done

@@ -15,8 +15,8 @@ engine=$build/perf/fio-kvblk.so
 # (grep reads all of nm's output: with -q, nm's SIGPIPE would fail the
 # pipeline under pipefail.)
 sanitize=
-undefined=$(nm -A "$build/libkvblk.a" 2>/dev/null | grep -E -o ' U __(asan|tsan)_' | sort -u)
-case $undefined in
+san_symbols=$(nm -A "$build/libkvblk.a" 2>/dev/null | grep -E -o ' U __(asan|tsan)_' | sort -u)
+case $san_symbols in
   *__asan_*) sanitize=address,undefined ;;
   *__tsan_*) sanitize=thread ;;
 esac

@@ -9,12 +9,12 @@ Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
   // whose append was lost (a leak), and it must not be counted twice.
   KVBLK_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await rc_->Get(cluster));
   if (rc != 0) co_return false;
-  std::atomic<uint32_t>& pin = pins_[cluster % kPinSlots];
+  std::atomic<uint32_t>& pin = pins_.count[cluster % kPinSlots];
   if (pin.load(std::memory_order_seq_cst) == 0) co_return true;
   std::lock_guard<std::mutex> l(pin_mu_);
   // Announce the passed-over cluster before looking again: an EndIo that
-  // empties the counter after this look sees passed_any_ and releases it.
-  passed_any_.store(true, std::memory_order_seq_cst);
+  // empties the counter after this look sees passed_any and releases it.
+  pins_.passed_any.store(true, std::memory_order_seq_cst);
   if (pin.load(std::memory_order_seq_cst) == 0) co_return true;
   passed_over_.insert(cluster);  // EndIo brings the cursor back to it
   co_return false;
@@ -22,7 +22,7 @@ Task<Result<bool>> Allocator::IsFree(uint64_t cluster) {
 
 void Allocator::ReleasePassedOver(size_t slot) {
   std::lock_guard<std::mutex> l(pin_mu_);
-  if (pins_[slot].load(std::memory_order_seq_cst) != 0) return;  // pinned again
+  if (pins_.count[slot].load(std::memory_order_seq_cst) != 0) return;  // pinned again
   for (auto it = passed_over_.begin(); it != passed_over_.end();) {
     if (*it % kPinSlots != slot) {
       ++it;
@@ -31,7 +31,7 @@ void Allocator::ReleasePassedOver(size_t slot) {
     released_min_ = std::min(released_min_, *it);
     it = passed_over_.erase(it);
   }
-  if (passed_over_.empty()) passed_any_.store(false, std::memory_order_seq_cst);
+  if (passed_over_.empty()) pins_.passed_any.store(false, std::memory_order_seq_cst);
 }
 
 void Allocator::EnablePool(uint64_t max_clusters) {

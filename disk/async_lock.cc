@@ -1,4 +1,5 @@
 #include "disk/async_lock.h"
+#include "disk/hot.h"
 
 namespace kvblk {
 
@@ -10,7 +11,7 @@ void ResumeWaiter(const LockWaiter& w) {
   }
 }
 
-bool AsyncSharedMutex::TryLockShared() {
+KVBLK_HOT bool AsyncSharedMutex::TryLockShared() {
   uint32_t s = state_.load(std::memory_order_relaxed);
   do {
     if (s & (kWriter | kWaiters)) return false;
@@ -65,7 +66,7 @@ void AsyncSharedMutex::GrantLocked(std::vector<LockWaiter>* to_resume) {
   if (waiters_.empty()) state_.fetch_and(~kWaiters, std::memory_order_acq_rel);
 }
 
-void AsyncSharedMutex::UnlockShared() {
+KVBLK_HOT void AsyncSharedMutex::UnlockShared() {
   uint32_t s = state_.load(std::memory_order_relaxed);
   while (!(s & kWaiters)) {
     if (state_.compare_exchange_weak(s, s - 1, std::memory_order_release,

@@ -1,6 +1,7 @@
 #include "kvblk/event_loop.h"
 
 #include "disk/io_engine.h"
+#include "disk/hot.h"
 
 namespace kvblk {
 
@@ -35,7 +36,7 @@ EventLoop& CreateOwnLoop() {
 }
 }  // namespace
 
-EventLoop& EventLoop::Current() {
+KVBLK_HOT EventLoop& EventLoop::Current() {
   if (tl_installed != nullptr) return *tl_installed;
   if (tl_own != nullptr) return *tl_own;
   return CreateOwnLoop();
@@ -106,7 +107,7 @@ bool EventLoop::RunPassEnd() {
   return true;
 }
 
-bool EventLoop::RunOnce() {
+KVBLK_HOT bool EventLoop::RunOnce() {
   ++pass_depth_;
   // The checks before DrainPosted() and RunPassEnd() keep a pass that has
   // only I/O to reap (most of them) free of those calls.

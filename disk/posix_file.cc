@@ -18,6 +18,7 @@
 
 #include "disk/async_lock.h"
 #include "disk/file.h"
+#include "disk/hot.h"
 #include "disk/io_engine.h"
 #include "disk/iov.h"
 #include "kvblk/event_loop.h"
@@ -64,7 +65,7 @@ class PosixFile final : public File {
     return RawReadV(iov, iovcnt, offset);
   }
 
-  bool StartReadV(const iovec* iov, int iovcnt, uint64_t offset, IoOp* op) override {
+  KVBLK_HOT bool StartReadV(const iovec* iov, int iovcnt, uint64_t offset, IoOp* op) override {
     if (iovcnt < 1 || iovcnt > IOV_MAX) return false;
     if (direct_ && !Aligned(iov, iovcnt, offset)) return false;
     op->kind = IoOp::Kind::kReadv;

@@ -32,11 +32,14 @@ std::string ResolveBacking(const std::string& image, const std::string& name) {
 }  // namespace
 
 Qcow2Device::Qcow2Device(std::unique_ptr<File> file, Header header, const OpenOptions& opts)
-    : file_(std::move(file)), header_(std::move(header)), opts_(opts),
-      home_(&EventLoop::Current()), read_only_(opts.read_only || file_->read_only()), cluster_bits_(header_.cluster_bits),
-      cluster_size_(header_.cluster_size()) {
-  l2_bits_ = cluster_bits_ - (header_.extended_l2() ? 4 : 3);
-}
+    : file_(std::move(file)),
+      read_only_(opts.read_only || file_->read_only()),
+      cluster_bits_(header.cluster_bits),
+      cluster_size_(header.cluster_size()),
+      l2_bits_(header.cluster_bits - (header.extended_l2() ? 4 : 3)),
+      header_(std::move(header)),
+      opts_(opts),
+      home_(&EventLoop::Current()) {}
 
 Qcow2Device::~Qcow2Device() = default;
 
@@ -325,7 +328,7 @@ Task<Result<TableCache::Handle>> Qcow2Device::GetL2(uint64_t l1_index) {
   co_return co_await l2_cache_->Get(off);
 }
 
-bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
+KVBLK_HOT bool Qcow2Device::TryLookupCached(uint64_t gc, Mapping* m, IoPins* pins) const {
   const uint64_t l1i = gc >> l2_bits_;
   if (l1i >= l1_.size()) {  // l1_ is resized only under image_lock_ exclusive
     *m = Mapping{};

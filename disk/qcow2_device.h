@@ -61,6 +61,7 @@
 #include "disk/async_lock.h"
 #include "disk/cluster_lock.h"
 #include "disk/file.h"
+#include "disk/hot.h"
 #include "disk/known_zero.h"
 #include "disk/overlap_guard.h"
 #include "disk/qcow2_header.h"
@@ -286,7 +287,7 @@ class Qcow2Device final : public BlockDevice {
 
    private:
     void AddOther(const Mapping& m, uint32_t cluster_bits);
-    void Pin(uint64_t cluster) {
+    KVBLK_HOT void Pin(uint64_t cluster) {
       a_->BeginIo(cluster);
       if (inline_count_ < kInline) {
         inline_[inline_count_++] = cluster;
@@ -507,10 +508,12 @@ class Qcow2Device final : public BlockDevice {
   static constexpr size_t kKnownZeroEntries = 65536;
   KnownZeroSubclusters known_zero_{kKnownZeroEntries};
 
+  // What a cached read uses comes first, together, down to header_'s size
+  // and feature bits, so that it spans a page boundary less often (see
+  // disk/hot.h).
+  AsyncSharedMutex image_lock_;
+  std::atomic<uint64_t> fast_reads_{0};
   std::unique_ptr<File> file_;
-  Header header_;
-  OpenOptions opts_;
-  EventLoop* home_;  // the loop the device was opened on
   std::atomic<bool> read_only_;
   std::atomic<bool> closed_ = false;
   std::atomic<bool> corrupted_ = false;  // corruption found while open: writes disabled
@@ -522,6 +525,9 @@ class Qcow2Device final : public BlockDevice {
   std::unique_ptr<Refcounts> refcounts_;
   std::unique_ptr<Allocator> alloc_;
   std::unique_ptr<TableCache> l2_cache_;
+  Header header_;
+  OpenOptions opts_;
+  EventLoop* home_;  // the loop the device was opened on
   std::unique_ptr<BlockDevice> backing_;
   std::string backing_path_;
   std::vector<Snapshot> snapshots_;
@@ -548,9 +554,7 @@ class Qcow2Device final : public BlockDevice {
   // Starts `req` on the fast path; false (nothing started, nothing held)
   // when it does not qualify.
   bool TryStartFastRead(ReadRequest* req);
-  std::atomic<uint64_t> fast_reads_{0};
 
-  AsyncSharedMutex image_lock_;
   AsyncMutex l1_mu_;
   AsyncMutex flush_mu_;
   ClusterLocks cluster_locks_;

@@ -24,6 +24,7 @@
 
 #include "disk/iov.h"
 #include "disk/io_engine.h"
+#include "disk/hot.h"
 #include "disk/qcow2_device.h"
 
 namespace kvblk::qcow2 {
@@ -42,7 +43,7 @@ struct Qcow2Device::FastRead : IoOp {
   static void Destroy(FastRead* f) { f->~FastRead(); }
 
   // Releases the pins and the lock, then reports `st`.
-  static void Finish(FastRead* f, Status st) {
+  KVBLK_HOT static void Finish(FastRead* f, Status st) {
     ReadRequest* req = f->req;
     Qcow2Device* dev = f->dev;
     Destroy(f);
@@ -50,7 +51,7 @@ struct Qcow2Device::FastRead : IoOp {
     req->done(req, std::move(st));
   }
 
-  static void OnIoDone(IoOp* op) {
+  KVBLK_HOT static void OnIoDone(IoOp* op) {
     auto* f = static_cast<FastRead*>(op);
     if (f->result >= 0 && static_cast<size_t>(f->result) == f->want) {
       Finish(f, Status::Ok());
@@ -71,7 +72,7 @@ struct Qcow2Device::FastRead : IoOp {
   size_t want = 0;    // its length
 };
 
-void Qcow2Device::StartRead(ReadRequest* req) {
+KVBLK_HOT void Qcow2Device::StartRead(ReadRequest* req) {
   bool started = false;
   try {
     started = TryStartFastRead(req);
@@ -80,7 +81,7 @@ void Qcow2Device::StartRead(ReadRequest* req) {
   if (!started) BlockDevice::StartRead(req);
 }
 
-bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
+KVBLK_HOT bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
   if (!image_lock_.TryLockShared()) return false;
   const size_t len = IovTotal(req->iov, req->iovcnt);
   const uint64_t pos = req->offset;

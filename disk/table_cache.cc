@@ -66,10 +66,7 @@ void TableCache::Unpin(Entry* e) {
 }
 
 void TableCache::PinLocked(Entry* e) {
-  if (e->pins++ == 0 && e->in_lru) {
-    lru_.erase(e->lru_it);
-    e->in_lru = false;
-  }
+  if (e->pins++ == 0 && e->in_lru()) LruUnlink(e);
 }
 
 void TableCache::UnpinLocked(Entry* e) {
@@ -79,14 +76,11 @@ void TableCache::UnpinLocked(Entry* e) {
     if (!e->writing) EraseLocked(e);
     return;
   }
-  lru_.push_back(e);
-  e->lru_it = std::prev(lru_.end());
-  e->in_lru = true;
+  LruPushBack(e);
 }
 
 void TableCache::EraseLocked(Entry* e) {
-  if (e->in_lru) lru_.erase(e->lru_it);
-  e->in_lru = false;
+  if (e->in_lru()) LruUnlink(e);
   auto it = map_.find(e->offset);
   if (it != map_.end() && it->second.get() == e) map_.erase(it);
 }
@@ -128,7 +122,8 @@ size_t TableCache::dirty_count() const {
 std::vector<uint64_t> TableCache::LruOrder() const {
   std::lock_guard<FutexMutex> l(mu_);
   std::vector<uint64_t> v;
-  for (Entry* e : lru_) v.push_back(e->offset);
+  for (const LruLink* l = lru_.next; l != &lru_; l = l->next)
+    v.push_back(static_cast<const Entry*>(l)->offset);
   return v;
 }
 
@@ -172,8 +167,8 @@ Task<Status> TableCache::MakeRoom() {
     uint64_t off;
     {
       std::lock_guard<FutexMutex> l(mu_);
-      if (map_.size() < capacity_ || lru_.empty()) break;
-      victim = lru_.front();
+      if (map_.size() < capacity_ || lru_.next == &lru_) break;
+      victim = static_cast<Entry*>(lru_.next);
       if (victim->dirty_gen == victim->clean_gen) {
         ++stats_.evictions;
         EraseLocked(victim);

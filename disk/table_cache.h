@@ -22,8 +22,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <iterator>
-#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -87,7 +85,10 @@ class TableCache {
     auto it = map_.find(offset);
     if (it == map_.end() || !it->second->loaded || it->second->dropped) return false;
     Entry* e = it->second.get();
-    if (e->in_lru && std::next(e->lru_it) != lru_.end()) lru_.splice(lru_.end(), lru_, e->lru_it);
+    if (e->in_lru() && e->next != &lru_) {
+      LruUnlink(e);
+      LruPushBack(e);
+    }
     ++stats_.hits;
     fn(static_cast<const uint8_t*>(e->data.get()));
     return true;
@@ -134,7 +135,14 @@ class TableCache {
   std::vector<uint64_t> LruOrder() const;
 
  private:
-  struct Entry {
+  // The LRU list is intrusive (its links live in the entries), so that
+  // Peek's move to the back is a few stores inline, with no call out of
+  // the library (see disk/hot.h).
+  struct LruLink {
+    LruLink* prev = nullptr;
+    LruLink* next = nullptr;
+  };
+  struct Entry : LruLink {
     uint64_t offset = 0;
     std::unique_ptr<uint8_t[]> data;
     int pins = 0;
@@ -145,10 +153,23 @@ class TableCache {
     uint64_t clean_gen = 0;    // dirty_gen last written back
     bool writing = false;
     AsyncMutex write_mu;  // serializes write-backs of this table
-    bool in_lru = false;
-    std::list<Entry*>::iterator lru_it;
     bool dropped = false;
+    bool in_lru() const { return next != nullptr; }
   };
+
+  // Unlinks `e`, which is in the LRU list.
+  void LruUnlink(Entry* e) {
+    e->prev->next = e->next;
+    e->next->prev = e->prev;
+    e->prev = e->next = nullptr;
+  }
+  // Links `e`, which is not in the LRU list, as the most recently used.
+  void LruPushBack(Entry* e) {
+    e->prev = lru_.prev;
+    e->next = &lru_;
+    lru_.prev->next = e;
+    lru_.prev = e;
+  }
 
   void Pin(Entry* e);
   void Unpin(Entry* e);
@@ -172,7 +193,9 @@ class TableCache {
   Writer writer_;
   Validator validator_;
   std::map<uint64_t, std::unique_ptr<Entry>> map_;
-  std::list<Entry*> lru_;  // front = least recently used
+  // Unpinned loaded entries; lru_.next is the least recently used, and an
+  // empty list links lru_ to itself.
+  LruLink lru_{&lru_, &lru_};
   // Dropped entries still pinned by a holder; freed with the cache.
   std::vector<std::unique_ptr<Entry>> orphans_;
   Stats stats_;

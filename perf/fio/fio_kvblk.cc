@@ -51,6 +51,7 @@
 #include <thread>
 #include <vector>
 
+#include "disk/hot.h"
 #include "disk/loop_thread.h"
 #include "kvblk/block_device.h"
 #include "kvblk/event_loop.h"
@@ -180,7 +181,7 @@ struct Job {
   std::vector<File> files;    // indexed by fio_file::fileno
   Completions completed;      // done: waiting for getevents(), or handed out by the last one
   unsigned inflight = 0;      // queued and not yet in `completed`
-  unsigned uncommitted = 0;   // queued since the last commit()
+  bool uncommitted = false;   // something was queued since the last commit()
   std::atomic<bool> reported_error = false;  // any thread
 
   // iothreads>1: I/O threads 1..N-1 (index i-1 here), the io_us queued for
@@ -381,7 +382,7 @@ kvblk::Task<Status> Submit(BlockDevice* dev, io_u* u) {
 }
 
 // Sets the io_u's result; reports the job's first error. Any thread.
-void Finish(Job* job, io_u* u, const Status& st) {
+KVBLK_HOT void Finish(Job* job, io_u* u, const Status& st) {
   if (st.ok()) {
     u->error = 0;
     u->resid = 0;
@@ -395,7 +396,7 @@ void Finish(Job* job, io_u* u, const Status& st) {
 
 // Finish() for an io_u that ran on the job's own loop: it is ready for
 // getevents(). Home loop only.
-void FinishHere(Job* job, io_u* u, const Status& st) {
+KVBLK_HOT void FinishHere(Job* job, io_u* u, const Status& st) {
   Finish(job, u, st);
   --job->inflight;
   job->completed.Push(u);
@@ -452,6 +453,12 @@ struct Slot {
   io_u* u = nullptr;
 };
 
+// ReadRequest::done of every read the engine starts.
+KVBLK_HOT void SlotDone(kvblk::ReadRequest* req, Status st) {
+  auto* slot = static_cast<Slot*>(req->user);
+  FinishHere(slot->job, slot->u, st);
+}
+
 int IoUInit(thread_data* td, io_u* u) {
   auto* s = new Slot;
   s->job = GetJob(td);
@@ -459,10 +466,7 @@ int IoUInit(thread_data* td, io_u* u) {
   s->req.iov = &s->v;
   s->req.iovcnt = 1;
   s->req.user = s;
-  s->req.done = [](kvblk::ReadRequest* req, Status st) {
-    auto* slot = static_cast<Slot*>(req->user);
-    FinishHere(slot->job, slot->u, st);
-  };
+  s->req.done = &SlotDone;
   u->engine_data = s;
   return 0;
 }
@@ -472,7 +476,7 @@ void IoUFree(thread_data*, io_u* u) {
   u->engine_data = nullptr;
 }
 
-fio_q_status Queue(thread_data* td, io_u* u) {
+KVBLK_HOT fio_q_status Queue(thread_data* td, io_u* u) {
   Job* job = GetJob(td);
   fio_ro_check(td, u);
   BlockDevice* dev = DeviceOf(job, u);
@@ -481,7 +485,7 @@ fio_q_status Queue(thread_data* td, io_u* u) {
     return FIO_Q_COMPLETED;
   }
   ++job->inflight;
-  ++job->uncommitted;
+  job->uncommitted = true;
   unsigned t = 0;
   if (!job->threads.empty()) {
     t = job->next_thread;
@@ -510,10 +514,10 @@ fio_q_status Queue(thread_data* td, io_u* u) {
 // without waiting. fio also calls it before every getevents() that waits;
 // with nothing queued since the last one there is nothing to hand over
 // (getevents() runs the loop itself).
-int Commit(thread_data* td) {
+KVBLK_HOT int Commit(thread_data* td) {
   Job* job = GetJob(td);
-  if (job->uncommitted == 0) return 0;
-  job->uncommitted = 0;
+  if (!job->uncommitted) return 0;
+  job->uncommitted = false;
   if (!job->threads.empty()) PostPending(job);
   (void)job->home->RunOnce();
   return 0;
@@ -555,7 +559,7 @@ __attribute__((noinline)) void RunForEvents(Job* job, unsigned int min, unsigned
 
 // Returns at least `min` and at most `max` completed io_us (see
 // RunForEvents for `t`).
-int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespec* t) {
+KVBLK_HOT int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespec* t) {
   Job* job = GetJob(td);
   if (!job->threads.empty()) {
     PostPending(job);  // in case fio waits without committing
@@ -568,7 +572,7 @@ int GetEvents(thread_data* td, unsigned int min, unsigned int max, const timespe
   return static_cast<int>(job->completed.Hand(max));
 }
 
-io_u* Event(thread_data* td, int event) {
+KVBLK_HOT io_u* Event(thread_data* td, int event) {
   return GetJob(td)->completed.Handed(static_cast<size_t>(event));
 }
 

@@ -84,6 +84,27 @@ TEST(TableCache, UseMovesTableToMostRecentlyUsed) {
   EXPECT_TRUE(f.cache->Contains(0));
 }
 
+// Peek (the read fast path's lookup) moves a table it finds to the most
+// recently used end, as Get does, and reports a table that is not cached.
+TEST(TableCache, PeekMovesTableToMostRecentlyUsed) {
+  Fixture f(3);
+  for (uint64_t i = 0; i < 3; ++i) ASSERT_TRUE(RunSync(f.cache->Get(i * kTable)).ok());
+  ASSERT_EQ(f.cache->LruOrder(), (std::vector<uint64_t>{0, kTable, 2 * kTable}));
+  auto peek = [&](uint64_t off) { return f.cache->Peek(off, [](const uint8_t*) {}); };
+  EXPECT_TRUE(peek(0));  // the front
+  EXPECT_EQ(f.cache->LruOrder(), (std::vector<uint64_t>{kTable, 2 * kTable, 0}));
+  EXPECT_TRUE(peek(2 * kTable));  // the middle
+  EXPECT_EQ(f.cache->LruOrder(), (std::vector<uint64_t>{kTable, 0, 2 * kTable}));
+  EXPECT_TRUE(peek(2 * kTable));  // already the back
+  EXPECT_EQ(f.cache->LruOrder(), (std::vector<uint64_t>{kTable, 0, 2 * kTable}));
+  EXPECT_FALSE(peek(3 * kTable));
+  EXPECT_EQ(f.cache->stats().hits, 3u);
+  // The least recently used one is the one evicted.
+  ASSERT_TRUE(RunSync(f.cache->Get(3 * kTable)).ok());
+  EXPECT_FALSE(f.cache->Contains(kTable));
+  EXPECT_EQ(f.cache->LruOrder(), (std::vector<uint64_t>{0, 2 * kTable, 3 * kTable}));
+}
+
 TEST(TableCache, PinnedTablesAreNotEvicted) {
   Fixture f(2);
   auto a = RunSync(f.cache->Get(0));

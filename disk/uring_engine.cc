@@ -109,7 +109,7 @@ class UringEngine final : public IoEngine {
  private:
   static void Prepare(io_uring_sqe* sqe, const IoOp* op) {
     switch (op->kind) {
-      case IoOp::Kind::kReadv:  // (one buffer: Submit prepared it)
+      case IoOp::Kind::kReadv:  // (Submit prepares one buffer up to 4 GiB itself)
         io_uring_prep_readv(sqe, op->fd, op->iov, op->iovcnt, op->offset);
         break;
       // One buffer: IORING_OP_WRITE spares the kernel copying and checking

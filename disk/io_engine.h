@@ -56,6 +56,13 @@ class IoEngine {
   // Number of submitted operations not yet completed.
   virtual int inflight() const = 0;
   virtual const char* name() const = 0;
+  // Whether a read of a pollable descriptor with nothing to read (an empty
+  // eventfd) waits inside the engine, holding no thread, until data comes:
+  // then a loop can watch such a descriptor by keeping a read of it
+  // submitted (EventfdWatch). True for io_uring, which polls the
+  // descriptor; false for the thread pool, whose worker would block in
+  // read() (or get EAGAIN).
+  virtual bool polls_descriptors() const = 0;
 };
 
 // Returns the io_uring engine, or the thread-pool engine when io_uring is not

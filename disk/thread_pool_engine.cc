@@ -87,6 +87,7 @@ class ThreadPoolEngine final : public IoEngine {
   }
 
   int inflight() const override { return inflight_; }
+  bool polls_descriptors() const override { return false; }
   const char* name() const override { return "threads"; }
 
  private:

@@ -105,6 +105,7 @@ class UringEngine final : public IoEngine {
 
   int inflight() const override { return inflight_; }
   const char* name() const override { return "io_uring"; }
+  bool polls_descriptors() const override { return true; }
 
  private:
   static void Prepare(io_uring_sqe* sqe, const IoOp* op) {

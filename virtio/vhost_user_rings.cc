@@ -1,10 +1,14 @@
 // VhostUserServer, its rings: starting and stopping the device queue that
-// serves each vring, the kick eventfds (watched by the poller, handed to the
-// queue's loop) and the call/err eventfds (signalled from the queue's loop).
+// serves each vring, the kick eventfds (read in the queue loop's ring, or
+// watched by the poller and handed to the queue's loop) and the call/err
+// eventfds (signalled from the queue's loop).
 // The rest of the server is in vhost_user_server.cc.
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include <cstring>
+
+#include "virtio/eventfd_watch.h"
 #include "virtio/vhost_user_server.h"
 
 namespace kvblk {
@@ -79,10 +83,40 @@ void VhostUserServer::StopAllRings() {
 
 VuStatus VhostUserServer::SetKickFd(int q, UniqueFd fd) {
   DropKickFd(q);
+  Vring& v = vrings_[static_cast<size_t>(q)];
+  v.kick = std::move(fd);
+  EventLoop& queue_loop = device_->queue_loop(q);
+  if (EventfdWatch::Supported(queue_loop, v.kick.get())) {
+    // The queue's loop reads its kicks in its own ring and kicks the device
+    // there. The device outlives the watch (DropKickFd comes first).
+    VirtioBlkDevice* device = device_.get();
+    const uint64_t id = ++kick_ids_;
+    std::weak_ptr<VhostUserServer*> weak = alive_;
+    EventLoop* loop = loop_;
+    auto watch = EventfdWatch::Start(
+        queue_loop, v.kick.get(), [device, q] { device->Kick(q); },
+        [weak, loop, q, id](int err) {
+          loop->PostFunction([weak, q, id, err] {
+            if (auto s = weak.lock()) (*s)->OnKickReadFailed(q, id, err);
+          });
+        });
+    if (watch.ok()) {
+      v.kick_reader = std::move(*watch);
+      v.kick_id = id;
+      return {};
+    }
+    LogLimited("queue " + std::to_string(q) + ": " + watch.status().message() +
+               "; watching its kicks on the poller thread");
+  }
+  return WatchKickOnPoller(q);
+}
+
+VuStatus VhostUserServer::WatchKickOnPoller(int q) {
+  Vring& v = vrings_[static_cast<size_t>(q)];
   std::weak_ptr<VhostUserServer*> weak = alive_;
   EventLoop* loop = loop_;
   std::atomic<bool>* pending = &kick_pending_[q];
-  const int kfd = fd.get();
+  const int kfd = v.kick.get();
   // Poller thread: consume the notification, post at most one Kick per
   // queue until the loop has run it.
   auto watch = poller_->Add(kfd, false, [weak, loop, pending, kfd, q](uint32_t events) {
@@ -99,16 +133,32 @@ VuStatus VhostUserServer::SetKickFd(int q, UniqueFd fd) {
   });
   if (!watch.ok()) {
     error_detail_ = watch.status().message();
+    v.kick.Reset();
     return VhostUserError::kInvalidValue;
   }
-  Vring& v = vrings_[static_cast<size_t>(q)];
-  v.kick = std::move(fd);
   v.kick_watch = *watch;
   return {};
 }
 
+void VhostUserServer::OnKickReadFailed(int q, uint64_t id, int err) {
+  if (q < 0 || static_cast<size_t>(q) >= vrings_.size()) return;
+  Vring& v = vrings_[static_cast<size_t>(q)];
+  if (v.kick_id != id || !v.kick_reader) return;  // that watch is already gone
+  LogLimited("queue " + std::to_string(q) + ": reading its kick eventfd in the ring failed (" +
+             std::strerror(err) + "); watching it on the poller thread");
+  v.kick_reader.reset();  // it has finished: returns at once
+  if (!WatchKickOnPoller(q).ok()) {
+    LogLimited("queue " + std::to_string(q) + ": cannot watch its kick eventfd: " +
+               error_detail_);
+    return;
+  }
+  // A kick may have come while neither watched.
+  if (v.running) device_->PostKick(q);
+}
+
 void VhostUserServer::DropKickFd(int q) {
   Vring& v = vrings_[static_cast<size_t>(q)];
+  v.kick_reader.reset();  // waits until its read is over
   if (v.kick_watch != 0 && poller_) poller_->Remove(v.kick_watch);
   v.kick_watch = 0;
   v.kick.Reset();

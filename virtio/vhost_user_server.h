@@ -38,13 +38,17 @@
 //
 // Threads and events: the server runs on the event loop of the thread that
 // calls Create() and Run() (the device's loop); every piece of protocol
-// state lives there. A FdPoller thread waits for the listening socket, the
-// connection socket (oneshot: re-armed once the loop has read all it had)
-// and the kick eventfds. A kick is read on the poller thread and posted to
-// the loop as VirtioBlkDevice::Kick() (coalesced: at most one pending per
-// queue). Interrupts are written to the call eventfd on the loop thread; a
-// queue the device finds broken (NEEDS_RESET) signals its error eventfd.
-// All queues share this one loop for now.
+// state lives there. Queue i is served by I/O thread i mod iothreads (thread
+// 0 being the server's). A FdPoller thread waits for the listening socket
+// and the connection socket (oneshot: re-armed once the loop has read all it
+// had). A kick eventfd is read by its queue's loop, in that loop's io_uring
+// (EventfdWatch), which then runs VirtioBlkDevice::Kick() itself. Where that
+// is not possible (the thread-pool I/O engine, a kick descriptor that is
+// not an eventfd, or a kernel that refuses the read) the poller watches it
+// instead and posts the kick to the loop (coalesced: at most one pending
+// per queue). Interrupts are written to the call eventfd on the queue's
+// loop; a queue the device finds broken (NEEDS_RESET) signals its error
+// eventfd.
 //
 // Disconnect: rings stop, requests in flight finish (Drain), the device is
 // destroyed (unmapping guest memory once nothing uses it), the image is
@@ -71,6 +75,7 @@
 #include "kvblk/event_loop.h"
 #include "kvblk/status.h"
 #include "kvblk/virtio_blk.h"
+#include "virtio/eventfd_watch.h"
 #include "virtio/fd_poller.h"
 #include "virtio/vhost_user_memory.h"
 #include "virtio/vhost_user_protocol.h"
@@ -144,6 +149,10 @@ class VhostUserServer {
     std::optional<vhost_user::VringAddr> addr;
     uint16_t base = 0;  // next avail index to process
     vhost_user::UniqueFd kick;
+    // The kick eventfd is watched by one of these: read in the queue
+    // loop's ring (kick_id names that watch), or by the poller.
+    std::unique_ptr<EventfdWatch> kick_reader;
+    uint64_t kick_id = 0;
     uint64_t kick_watch = 0;  // FdPoller id, 0: none
     vhost_user::UniqueFd call;
     vhost_user::UniqueFd err;
@@ -192,8 +201,16 @@ class VhostUserServer {
   void StopRing(int q);
   void StopAllRings();
   vhost_user::VuStatus ApplyMemory();
-  // Watches `fd` as queue q's kick eventfd (replacing any other).
+  // Watches `fd` as queue q's kick eventfd (replacing any other): in the
+  // queue loop's ring when EventfdWatch supports it, else on the poller.
   vhost_user::VuStatus SetKickFd(int q, vhost_user::UniqueFd fd);
+  // Watches queue q's kick eventfd (Vring::kick) on the poller; on failure
+  // closes it.
+  vhost_user::VuStatus WatchKickOnPoller(int q);
+  // A ring read of queue q's kick eventfd failed (watch `id`): move the
+  // watch to the poller. Loop thread.
+  void OnKickReadFailed(int q, uint64_t id, int err);
+  // Stops watching queue q's kick eventfd and closes it.
   void DropKickFd(int q);
   void OnInterrupt(int q);
   void Log(const std::string& line);
@@ -237,6 +254,7 @@ class VhostUserServer {
   std::vector<std::unique_ptr<LoopThread>> io_threads_;
 
   std::unique_ptr<std::atomic<bool>[]> kick_pending_;  // per queue; poller sets, loop clears
+  uint64_t kick_ids_ = 0;  // the last Vring::kick_id handed out
   int in_handler_ = 0;  // > 0 while a message or a disconnect is being handled
   bool stopping_ = false;
   bool finished_ = false;

@@ -94,12 +94,13 @@ VhostUserServerTest::VhostUserServerTest()
   data_->bytes = PatternBytes(kDiskSize, 3);
 }
 
-void VhostUserServerTest::StartPair(int num_queues) {
+void VhostUserServerTest::StartPair(int num_queues, int iothreads) {
   int sv[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
   VhostUserServerOptions opts;
   opts.connection_fd = sv[1];
   opts.device.num_queues = num_queues;
+  opts.iothreads = iothreads;
   opts.device.serial = "vhost-user-serial";
   ASSERT_TRUE(server_.Start(std::move(opts)).ok());
   fe_ = std::make_unique<FrontEnd>(UniqueFd(sv[0]));

@@ -65,7 +65,7 @@ class VhostUserServerTest : public ::testing::Test {
   VhostUserServerTest();
 
   // Starts a server over a socketpair; the test end becomes `fe_`.
-  void StartPair(int num_queues = 1);
+  void StartPair(int num_queues = 1, int iothreads = 1);
 
   // The usual front-end sequence up to a running queue 0 (QEMU's order),
   // every state change acknowledged through REPLY_ACK.

@@ -7,7 +7,9 @@
 #include "virtio/vhost_user_server.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
@@ -260,6 +262,77 @@ TEST_F(VhostUserServerTest, ServesSeveralQueues) {
   EXPECT_EQ(ring1.Status(r1), vblk::kStatusOk);
   EXPECT_EQ(Disk(0, 512), a);
   EXPECT_EQ(Disk(512, 512), b);
+}
+
+// Each queue's kicks are read in its own I/O thread's ring.
+TEST_F(VhostUserServerTest, ServesQueuesOnSeveralIoThreads) {
+  StartPair(/*num_queues=*/3, /*iothreads=*/2);
+  DriverRing ring0(ram_, kGuestBase);
+  DriverRing ring1(ram_, kGuestBase + 0x100000);
+  DriverRing ring2(ram_, kGuestBase + 0x200000);
+  QueueFds fds0, fds1, fds2;
+  Handshake(*fe_, ring0, fds0);
+  SetUpRing(*fe_, 1, ring1, fds1, 0);
+  SetUpRing(*fe_, 2, ring2, fds2, 0);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<uint8_t> a = PatternBytes(512, 10 + round), b = PatternBytes(512, 20 + round),
+                         c = PatternBytes(512, 30 + round);
+    BlkReq r0 = ring0.Submit(vblk::kTypeOut, 0, a, 0);
+    BlkReq r1 = ring1.Submit(vblk::kTypeOut, 1, b, 0);
+    BlkReq r2 = ring2.Submit(vblk::kTypeOut, 2, c, 0);
+    fds0.Kick();
+    fds1.Kick();
+    fds2.Kick();
+    const uint16_t n = static_cast<uint16_t>(round + 1);
+    ASSERT_TRUE(WaitUsed(ring0, fds0, n)) << server_.Logs();
+    ASSERT_TRUE(WaitUsed(ring1, fds1, n)) << server_.Logs();
+    ASSERT_TRUE(WaitUsed(ring2, fds2, n)) << server_.Logs();
+    EXPECT_EQ(ring0.Status(r0), vblk::kStatusOk);
+    EXPECT_EQ(ring1.Status(r1), vblk::kStatusOk);
+    EXPECT_EQ(ring2.Status(r2), vblk::kStatusOk);
+    EXPECT_EQ(Disk(0, 512), a);
+    EXPECT_EQ(Disk(512, 512), b);
+    EXPECT_EQ(Disk(1024, 512), c);
+  }
+}
+
+// SET_VRING_KICK on a running ring: the new eventfd is heard and the old
+// one no longer is.
+TEST_F(VhostUserServerTest, ReplacedKickFdIsNoLongerHeard) {
+  StartPair(/*num_queues=*/1, /*iothreads=*/2);
+  DriverRing ring(ram_, kGuestBase);
+  QueueFds fds;
+  Handshake(*fe_, ring, fds);
+  BlkReq r;
+  ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, 0, {}, 512), vblk::kStatusOk);
+  QueueFds fresh;
+  ASSERT_EQ(fe_->Ack(Request::kSetVringKick, EncodeU64(0), One(UniqueFd(dup(fresh.kick.get())))),
+            0u);
+  r = ring.Submit(vblk::kTypeIn, 1, {}, 512);
+  fds.Kick();  // the old eventfd
+  EXPECT_EQ(fe_->GetU64(Request::kGetQueueNum), 1u);  // a round trip through the loop
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(ring.UsedIdx(), 1u);
+  fresh.Kick();
+  EXPECT_TRUE(WaitUsed(ring, fds, 2)) << server_.Logs();
+  EXPECT_EQ(ring.Status(r), vblk::kStatusOk);
+}
+
+// A kick descriptor that is not an eventfd (a pipe) is watched by the
+// poller thread instead, and works the same.
+TEST_F(VhostUserServerTest, KickThroughAPipeWorks) {
+  StartPair();
+  DriverRing ring(ram_, kGuestBase);
+  QueueFds fds;
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  fds.kick.Reset(p[0]);  // what Handshake sends
+  Handshake(*fe_, ring, fds);
+  fds.kick.Reset(p[1]);  // what Kick() writes to
+  BlkReq r;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk);
+  }
 }
 
 TEST_F(VhostUserServerTest, ResetDeviceStopsRingsAndAllowsANewSetup) {

@@ -2,10 +2,11 @@
 // readable and runs a short callback for each on that thread.
 //
 // The event loop of an I/O thread blocks in its IoEngine and cannot wait for
-// sockets or eventfds itself; a transport that must hear from some (the
-// vhost-user server: its listening socket, the front end's socket, the kick
-// eventfds) watches them here and has the callbacks hand the work over to
-// the loop with EventLoop::PostFunction().
+// sockets itself; a transport that must hear from some (the vhost-user
+// server: its listening socket, the front end's socket, and the kick
+// eventfds its queue loops cannot read through io_uring, see
+// eventfd_watch.h) watches them here and has the callbacks hand the work
+// over to the loop with EventLoop::PostFunction().
 //
 // Contract for callbacks: they run on the poller thread with the poller's
 // lock held, so they must be short, must not block, and must not call

@@ -145,6 +145,13 @@ uint8_t VhostUserServerTest::RunOne(DriverRing& ring, QueueFds& fds, BlkReq& r, 
   return ring.Status(r);
 }
 
+void VhostUserServerTest::ExpectKickIgnored(QueueFds& kick, DriverRing& ring, uint16_t used) {
+  kick.Kick();
+  EXPECT_EQ(fe_->GetU64(Request::kGetQueueNum), 1u);  // a round trip through the loop
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(ring.UsedIdx(), used);
+}
+
 std::vector<uint8_t> VhostUserServerTest::Disk(uint64_t offset, size_t len) {
   std::lock_guard<std::mutex> l(data_->mu);
   return std::vector<uint8_t>(data_->bytes.begin() + offset, data_->bytes.begin() + offset + len);

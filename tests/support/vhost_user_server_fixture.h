@@ -80,6 +80,11 @@ class VhostUserServerTest : public ::testing::Test {
   uint8_t RunOne(DriverRing& ring, QueueFds& fds, BlkReq& r, uint32_t type, uint64_t sector,
                  const std::vector<uint8_t>& out, uint32_t in_len);
 
+  // Kicks through `kick` (an old or disabled ring's eventfd), lets the
+  // server's loop run a round trip and a pause, then expects the used index
+  // to be `used` still: the kick was not served.
+  void ExpectKickIgnored(QueueFds& kick, DriverRing& ring, uint16_t used);
+
   // Bytes [offset, offset + len) of the served disk.
   std::vector<uint8_t> Disk(uint64_t offset, size_t len);
 

@@ -4,7 +4,7 @@
 # one run of bench-quick's device job has swung between 1.3x and 2.6x QEMU.
 #
 #   perf/serve_ab.sh [-r ROUNDS] [-t SECONDS] [-q IODEPTH] [-k pre|falloc]
-#                    [-o "SERVE OPTIONS"] A_KVBLK [B_KVBLK]
+#                    [-o "SERVE OPTIONS"] [-e ENGINE] A_KVBLK [B_KVBLK]
 #
 # Each round runs QEMU, A, then B: the back end serves a 1 GiB qcow2 image
 # (64 KiB clusters, a covering L2 cache, O_DIRECT) and fio, with
@@ -14,14 +14,16 @@
 # end the medians, their ratio to QEMU's, and B/A. `pre` images hold data
 # (the device-bound job, the default); `falloc` ones read as zeros without
 # touching the device (CPU-bound). The images are shared with
-# perf/engine_ab.sh under build/perf/ab/. Build the engine with `make perf`.
+# perf/engine_ab.sh under build/perf/ab/. Build the engine with `make perf`;
+# -e runs another build of it (both back ends get the same one).
 set -euo pipefail
-ROUNDS=6 SECS=3 QD=32 KIND=pre SERVE_OPTS=""
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
-while getopts "r:t:q:k:o:h" o; do
+TOP=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=6 SECS=3 QD=32 KIND=pre SERVE_OPTS="" ENGINE=$TOP/build/perf/fio-vhost-user.so
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+while getopts "r:t:q:k:o:e:h" o; do
   case $o in
     r) ROUNDS=$OPTARG ;; t) SECS=$OPTARG ;; q) QD=$OPTARG ;; k) KIND=$OPTARG ;;
-    o) SERVE_OPTS=$OPTARG ;; h) usage 0 ;; *) usage ;;
+    o) SERVE_OPTS=$OPTARG ;; e) ENGINE=$(realpath "$OPTARG") ;; h) usage 0 ;; *) usage ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -32,8 +34,6 @@ for b in "$@"; do
   [ -x "$b" ] || { echo "serve_ab: $b: not an executable" >&2; exit 2; }
   BINS+=("$(cd "$(dirname "$b")" && pwd)/$(basename "$b")")
 done
-TOP=$(cd "$(dirname "$0")/.." && pwd)
-ENGINE=$TOP/build/perf/fio-vhost-user.so
 [ -f "$ENGINE" ] || { echo "serve_ab: $ENGINE missing (make perf)" >&2; exit 2; }
 command -v fio >/dev/null && command -v qemu-img >/dev/null &&
   command -v qemu-storage-daemon >/dev/null ||

@@ -78,6 +78,7 @@ constexpr int kPfReplyAck = 3;
 constexpr int kPfConfig = 9;
 
 constexpr int kVirtioFVersion1 = 32;
+constexpr int kVirtioRingFEventIdx = 29;
 constexpr int kBlkFSizeMax = 1;
 constexpr int kBlkFSegMax = 2;
 constexpr int kBlkFRo = 5;
@@ -244,12 +245,22 @@ Status BlkQueue::Add(Op op, uint64_t offset, void* buf, uint32_t len, void* cook
 
 void BlkQueue::Publish() {
   if (avail_idx_ == published_idx_) return;
+  const uint16_t old_idx = published_idx_;
   // Descriptors and ring entries before the index (2.7.13).
   __atomic_store_n(&avail_[1], avail_idx_, __ATOMIC_RELEASE);
   published_idx_ = avail_idx_;
-  // The index store before reading the device's notification flag.
+  // The index store before reading the device's notification fields.
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  if ((__atomic_load_n(&used_hdr_[0], __ATOMIC_RELAXED) & kUsedNoNotify) == 0) {
+  bool kick;
+  if (event_idx_) {
+    // 2.7.10: kick only if avail_event lies in [old_idx, new index).
+    const uint16_t event = __atomic_load_n(&used_hdr_[2 + 4 * size_], __ATOMIC_RELAXED);
+    kick = static_cast<uint16_t>(avail_idx_ - event - 1) <
+           static_cast<uint16_t>(avail_idx_ - old_idx);
+  } else {
+    kick = (__atomic_load_n(&used_hdr_[0], __ATOMIC_RELAXED) & kUsedNoNotify) == 0;
+  }
+  if (kick) {
     uint64_t one = 1;
     ssize_t n = write(kick_fd_, &one, sizeof(one));
     (void)n;  // EAGAIN: the counter is already non-zero, the device will look.
@@ -276,6 +287,13 @@ unsigned BlkQueue::Reap(std::vector<BlkCompletion>* out, unsigned max) {
 }
 
 bool BlkQueue::WaitForInterrupt(int timeout_ms) {
+  if (event_idx_) {
+    // Ask for an interrupt at the next used entry (used_event, 2.7.10),
+    // then look again: one may have been added before the device read it.
+    __atomic_store_n(&avail_[2 + size_], last_used_, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&used_hdr_[1], __ATOMIC_ACQUIRE) != last_used_) return true;
+  }
   pollfd p{call_fd_, POLLIN, 0};
   int r;
   do {
@@ -427,7 +445,7 @@ Status VhostUserBlkClient::Handshake(bool config_only) {
 
   uint64_t wanted = Bit(kVirtioFVersion1) | Bit(kBlkFSizeMax) | Bit(kBlkFSegMax) | Bit(kBlkFRo) |
                     Bit(kBlkFBlkSize) | Bit(kBlkFFlush) | Bit(kBlkFTopology) | Bit(kBlkFMq) |
-                    Bit(kBlkFDiscard);
+                    Bit(kBlkFDiscard) | Bit(kVirtioRingFEventIdx);
   info_.acked_features = features & wanted;
   KVBLK_RETURN_IF_ERROR(SetU64(kSetFeatures, info_.acked_features | Bit(kFProtocolFeatures), true));
   return Status::Ok();
@@ -468,6 +486,7 @@ Status VhostUserBlkClient::SetupMemoryAndQueues() {
     q->index_ = i;
     q->size_ = n;
     q->slots_ = slots;
+    q->event_idx_ = (info_.acked_features & Bit(kVirtioRingFEventIdx)) != 0;
     q->desc_ = reinterpret_cast<BlkQueue::Desc*>(base);
     q->avail_ = reinterpret_cast<uint16_t*>(base + desc_bytes);
     q->used_hdr_ = reinterpret_cast<uint16_t*>(base + used_off);

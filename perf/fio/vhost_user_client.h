@@ -72,13 +72,18 @@ class BlkQueue {
   // kDiscard ignores buf. Busy when no slot is free.
   Status Add(Op op, uint64_t offset, void* buf, uint32_t len, void* cookie);
   // Makes added requests visible to the device and kicks it unless it asked
-  // not to be notified (VRING_USED_F_NO_NOTIFY).
+  // not to be notified: with VIRTIO_RING_F_EVENT_IDX (acked when offered,
+  // as a Linux guest does) by its avail_event, else by
+  // VRING_USED_F_NO_NOTIFY.
   void Publish();
   // Appends completed requests (at most `max`) to `out`; never blocks.
   // Returns how many were appended.
   unsigned Reap(std::vector<BlkCompletion>* out, unsigned max);
   // Waits until the device signals the call eventfd or `timeout_ms` (-1:
-  // forever) passes. Returns false on timeout.
+  // forever) passes. Returns false on timeout. With EVENT_IDX it first asks
+  // for an interrupt at the next used entry (used_event) and returns at
+  // once if that entry is already there; between waits the device does not
+  // interrupt, so a caller that keeps reaping is not disturbed.
   bool WaitForInterrupt(int timeout_ms);
 
  private:
@@ -114,7 +119,7 @@ class BlkQueue {
   unsigned slots_ = 0;
   Desc* desc_ = nullptr;
   uint16_t* avail_ = nullptr;     // flags, idx, ring[size], used_event
-  uint16_t* used_hdr_ = nullptr;  // flags, idx
+  uint16_t* used_hdr_ = nullptr;  // flags, idx, ring[size] (4 u16 each), avail_event
   UsedElem* used_ring_ = nullptr;
   SlotMem* slot_mem_ = nullptr;
   std::vector<void*> cookies_;
@@ -122,6 +127,7 @@ class BlkQueue {
   uint16_t avail_idx_ = 0;      // next avail index to write (not yet published)
   uint16_t published_idx_ = 0;  // avail index the device has seen
   uint16_t last_used_ = 0;
+  bool event_idx_ = false;  // VIRTIO_RING_F_EVENT_IDX negotiated
   int kick_fd_ = -1;
   int call_fd_ = -1;
 };

@@ -114,5 +114,13 @@ if qemu-img check -q "$image" >"$tmp/check.log" 2>&1; then
 else
   not_ok "qemu-img check after the back end stopped: $(tail -3 "$tmp/check.log")"
 fi
+# A back end built with a sanitizer (make tsan / make asan) reports races,
+# memory errors, leaks (at exit) and undefined behaviour into its log.
+sanitizer_report='WARNING: ThreadSanitizer|ERROR: (Address|Leak)Sanitizer|runtime error:'
+if grep -E -m3 "$sanitizer_report" "$tmp/backend.log" >"$tmp/sanitizer.log"; then
+  not_ok "no sanitizer report in the back end's log: $(tr '\n' ' ' <"$tmp/sanitizer.log")"
+else
+  ok "no sanitizer report in the back end's log"
+fi
 
 [ "$failures" -eq 0 ]

@@ -83,13 +83,16 @@ KVBLK_HOT void EventfdWatch::State::OnDone(IoOp* op) {
   }
 }
 
-bool EventfdWatch::Supported(EventLoop& loop, int fd) {
-  if (!loop.engine().polls_descriptors()) return false;
+bool IsEventfd(int fd) {
   char link[48];
   std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
   char target[64];
   const ssize_t n = readlink(link, target, sizeof target);
   return n > 0 && std::string_view(target, static_cast<size_t>(n)) == "anon_inode:[eventfd]";
+}
+
+bool EventfdWatch::Supported(EventLoop& loop, int fd) {
+  return loop.engine().polls_descriptors() && IsEventfd(fd);
 }
 
 Result<std::unique_ptr<EventfdWatch>> EventfdWatch::Start(EventLoop& loop, int fd,

@@ -26,6 +26,9 @@
 
 namespace kvblk {
 
+// Whether `fd` is an eventfd (read from /proc/self/fd; false without /proc).
+bool IsEventfd(int fd);
+
 class EventfdWatch {
  public:
   // Runs once per completed read: every signal since the last one is

@@ -28,6 +28,18 @@ Status ServerThread::Start(VhostUserServerOptions opts) {
   std::promise<Status> created;
   auto created_f = created.get_future();
   thread_ = std::thread([this, opts = std::move(opts), &created]() mutable {
+    // Declared first, so it outlives the server and the disk.
+    std::unique_ptr<EventLoop> loop;
+    if (make_engine_) {
+      loop = std::make_unique<EventLoop>(make_engine_());
+      EventLoop::SetCurrent(loop.get());
+    }
+    struct Uninstall {
+      bool installed;
+      ~Uninstall() {
+        if (installed) EventLoop::SetCurrent(nullptr);
+      }
+    } uninstall{loop != nullptr};
     auto disk = RawDevice::Open(std::make_unique<MemFile>(data_, "disk.img"));
     if (!disk.ok()) {
       created.set_value(disk.status());

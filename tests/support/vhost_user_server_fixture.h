@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -14,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "disk/io_engine.h"
 #include "disk/mem_file.h"
 #include "kvblk/status.h"
 #include "tests/support/vhost_user_front_end.h"
@@ -34,6 +36,9 @@ class ServerThread {
   // Creates the server (on the new thread, whose loop then serves it);
   // returns Create()'s status.
   Status Start(VhostUserServerOptions opts);
+  // Before Start(): the server thread's loop gets its I/O engine from
+  // `make` instead of the default (fault injection).
+  void SetEngine(std::function<std::unique_ptr<IoEngine>()> make) { make_engine_ = std::move(make); }
 
   // Run()'s status once it returned (or a timeout error).
   Status WaitRun();
@@ -50,6 +55,7 @@ class ServerThread {
 
  private:
   std::shared_ptr<MemFileData> data_;
+  std::function<std::unique_ptr<IoEngine>()> make_engine_;
   std::thread thread_;
   VhostUserServer* server_ = nullptr;
   std::promise<Status> run_done_;

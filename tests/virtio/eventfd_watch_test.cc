@@ -182,10 +182,13 @@ TEST_F(EventfdWatchTest, SupportedOnlyForEventfdsOnAPollingEngine) {
   EXPECT_TRUE(EventfdWatch::Supported(loop, efd_));
   int p[2];
   ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  EXPECT_FALSE(IsEventfd(p[0]));
   EXPECT_FALSE(EventfdWatch::Supported(loop, p[0]));
   close(p[0]);
   close(p[1]);
   EXPECT_FALSE(EventfdWatch::Supported(loop, -1));
+  EXPECT_TRUE(IsEventfd(efd_));
+  EXPECT_FALSE(IsEventfd(-1));
   EventLoop pool(MakeThreadPoolEngine(1));
   EXPECT_FALSE(EventfdWatch::Supported(pool, efd_));
 }

@@ -11,15 +11,18 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "disk/io_engine.h"
 #include "tests/support/test_util.h"
 #include "tests/support/vhost_user_front_end.h"
 #include "tests/support/vhost_user_server_fixture.h"
+#include "virtio/eventfd_watch.h"
 
 namespace kvblk {
 namespace {
@@ -324,6 +327,58 @@ TEST_F(VhostUserServerTest, KickThroughAPipeWorks) {
   for (int i = 0; i < 3; ++i) {
     ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk);
   }
+}
+
+// The io_uring engine, except that every read of an eventfd fails with
+// EAGAIN, as on a kernel that will not poll one for io_uring.
+class EventfdReadsFail final : public IoEngine {
+ public:
+  EventfdReadsFail() : inner_(MakeUringEngine(64, nullptr)) {}
+  void Submit(IoOp* op) override {
+    if (op->kind == IoOp::Kind::kReadv && IsEventfd(op->fd)) {
+      failed_.push_back(op);
+      ++reads_failed;
+      return;
+    }
+    inner_->Submit(op);
+  }
+  int Reap(bool wait) override {
+    if (failed_.empty()) return inner_->Reap(wait);
+    std::vector<IoOp*> ops;
+    ops.swap(failed_);
+    for (IoOp* op : ops) {
+      op->result = -EAGAIN;
+      op->Complete();
+    }
+    return static_cast<int>(ops.size()) + inner_->Reap(false);
+  }
+  void Wake() override { inner_->Wake(); }
+  int inflight() const override { return inner_->inflight() + static_cast<int>(failed_.size()); }
+  const char* name() const override { return "io_uring, eventfd reads failing"; }
+  bool polls_descriptors() const override { return true; }
+
+  static inline std::atomic<int> reads_failed{0};
+
+ private:
+  std::unique_ptr<IoEngine> inner_;
+  std::vector<IoOp*> failed_;
+};
+
+// A kick eventfd the queue's ring cannot read: the server says so and
+// watches it on the poller thread, and the ring is served as before.
+TEST_F(VhostUserServerTest, KickReadFailureMovesTheQueueToThePoller) {
+  EventfdReadsFail::reads_failed = 0;
+  server_.SetEngine([] { return std::make_unique<EventfdReadsFail>(); });
+  StartPair();
+  DriverRing ring(ram_, kGuestBase);
+  QueueFds fds;
+  Handshake(*fe_, ring, fds);
+  BlkReq r;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk) << server_.Logs();
+  }
+  EXPECT_EQ(EventfdReadsFail::reads_failed, 1);
+  EXPECT_TRUE(server_.HasLog("queue 0: reading its kick eventfd in the ring failed")) << server_.Logs();
 }
 
 TEST_F(VhostUserServerTest, ResetDeviceStopsRingsAndAllowsANewSetup) {

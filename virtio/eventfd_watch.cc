@@ -8,7 +8,6 @@
 #include <mutex>
 #include <string_view>
 
-#include "disk/hot.h"
 #include "disk/io_engine.h"
 
 namespace kvblk {
@@ -62,7 +61,7 @@ void EventfdWatch::State::Finish() {
   if (waiter != nullptr) waiter->Wake();
 }
 
-KVBLK_HOT void EventfdWatch::State::OnDone(IoOp* op) {
+void EventfdWatch::State::OnDone(IoOp* op) {
   auto* s = static_cast<State*>(op);
   bool stopping;
   {

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 #include "disk/io_engine.h"
@@ -28,6 +29,9 @@ bool WaitFor(const std::function<bool()>& cond) {
   }
   return false;
 }
+
+// The error callback of a watch whose reads must not fail.
+void FailOnError(int err) { ADD_FAILURE() << "read failed: " << std::strerror(err); }
 
 // The value left in an eventfd (0 if it is empty); non-blocking.
 uint64_t Drain(int fd) {
@@ -57,13 +61,12 @@ TEST_F(EventfdWatchTest, SignalsRunOnTheWatchedLoopsThread) {
   std::atomic<int> calls{0};
   std::atomic<bool> wrong_thread{false};
   const std::thread::id loop_id = (*t)->id();
-  auto w = EventfdWatch::Start(
-      (*t)->loop(), efd_,
-      [&] {
-        if (std::this_thread::get_id() != loop_id) wrong_thread = true;
-        ++calls;
-      },
-      [](int err) { ADD_FAILURE() << "read failed: " << err; });
+  auto w = EventfdWatch::Start((*t)->loop(), efd_,
+                               [&] {
+                                 if (std::this_thread::get_id() != loop_id) wrong_thread = true;
+                                 ++calls;
+                               },
+                               FailOnError);
   ASSERT_TRUE(w.ok());
   Signal(efd_);
   ASSERT_TRUE(WaitFor([&] { return calls == 1; }));
@@ -80,7 +83,7 @@ TEST_F(EventfdWatchTest, WatchOnTheCallersOwnLoop) {
   EventLoop& loop = EventLoop::Current();
   int calls = 0;
   auto w = EventfdWatch::Start(
-      loop, efd_, [&] { ++calls; }, [](int err) { ADD_FAILURE() << "read failed: " << err; });
+      loop, efd_, [&] { ++calls; }, FailOnError);
   ASSERT_TRUE(w.ok());
   Signal(efd_);
   loop.RunUntil([&] { return calls == 1; });
@@ -99,9 +102,7 @@ TEST_F(EventfdWatchTest, DestructorEndsAPendingReadAndNoCallbackFollows) {
   auto t = LoopThread::Start();
   ASSERT_TRUE(t.ok());
   std::atomic<int> calls{0};
-  auto w = EventfdWatch::Start(
-      (*t)->loop(), efd_, [&] { ++calls; },
-      [](int err) { ADD_FAILURE() << "read failed: " << err; });
+  auto w = EventfdWatch::Start((*t)->loop(), efd_, [&] { ++calls; }, FailOnError);
   ASSERT_TRUE(w.ok());
   Signal(efd_);
   ASSERT_TRUE(WaitFor([&] { return calls == 1; }));
@@ -120,7 +121,7 @@ TEST_F(EventfdWatchTest, DestroyedBeforeItsFirstReadWasSubmitted) {
   EventLoop& loop = EventLoop::Current();
   int calls = 0;
   auto w = EventfdWatch::Start(
-      loop, efd_, [&] { ++calls; }, [](int err) { ADD_FAILURE() << "read failed: " << err; });
+      loop, efd_, [&] { ++calls; }, FailOnError);
   ASSERT_TRUE(w.ok());
   w->reset();
   Signal(efd_, 2);
@@ -134,15 +135,14 @@ TEST_F(EventfdWatchTest, SignalWhileTheCallbackRunsIsNotLost) {
   ASSERT_TRUE(t.ok());
   std::atomic<int> calls{0};
   std::atomic<bool> release{false};
-  auto w = EventfdWatch::Start(
-      (*t)->loop(), efd_,
-      [&] {
-        ++calls;
-        if (calls == 1) {
-          while (!release) std::this_thread::yield();
-        }
-      },
-      [](int err) { ADD_FAILURE() << "read failed: " << err; });
+  auto w = EventfdWatch::Start((*t)->loop(), efd_,
+                               [&] {
+                                 ++calls;
+                                 if (calls == 1) {
+                                   while (!release) std::this_thread::yield();
+                                 }
+                               },
+                               FailOnError);
   ASSERT_TRUE(w.ok());
   Signal(efd_);
   ASSERT_TRUE(WaitFor([&] { return calls == 1; }));

@@ -7,12 +7,11 @@
 // function: it takes image_lock_ shared (TryLockShared: a waiting snapshot
 // or L1 growth sends the read down the slow path, so it cannot starve),
 // checks the request, looks the clusters up in the cache and pins them,
-// and hands the read to the file (File::StartReadV) with a FastRead as the
-// IoOp. The completion, on the same loop, releases the pins and the lock
-// before it calls the caller's `done`, as Read's guards do before it
-// returns. A short or failed transfer goes to File::FinishReadV, which
-// handles it exactly as ReadV would (retry, continue, zero-fill past the
-// end of the file, or the error).
+// and hands the read to the file with a FastRead, a FileRead
+// (disk/file_read.h: a short or failed transfer is finished exactly as
+// ReadV would finish it). The completion, on the same loop, releases the
+// pins and the lock before it calls the caller's `done`, as Read's guards
+// do before it returns.
 //
 // Everything the fast path does not take (zero, unallocated, compressed or
 // subcluster mappings, a table miss, an extent that breaks on the host, an
@@ -22,6 +21,7 @@
 #include <algorithm>
 #include <new>
 
+#include "disk/file_read.h"
 #include "disk/iov.h"
 #include "disk/io_engine.h"
 #include "disk/hot.h"
@@ -30,20 +30,21 @@
 namespace kvblk::qcow2 {
 
 // Lives in the request's device_state from StartRead until `done`: a read
-// allocates nothing.
-struct Qcow2Device::FastRead : IoOp {
-  FastRead(Qcow2Device* d, ReadRequest* r) : dev(d), req(r), pins(d->alloc_.get()) {}
+// allocates nothing. FileRead does the I/O and the short-transfer handling.
+struct Qcow2Device::FastRead : FileRead {
+  FastRead(Qcow2Device* d) : dev(d), pins(d->alloc_.get()) {}
 
   static FastRead* Create(Qcow2Device* d, ReadRequest* r) {
     static_assert(sizeof(FastRead) <= ReadRequest::kDeviceStateSize);
     static_assert(alignof(FastRead) <= 16);  // device_state is alignas(16)
-    return new (r->device_state) FastRead(d, r);
+    return new (r->device_state) FastRead(d);
   }
   // Ends `f`'s lifetime (releasing its pins).
   static void Destroy(FastRead* f) { f->~FastRead(); }
 
-  // Releases the pins and the lock, then reports `st`.
-  KVBLK_HOT static void Finish(FastRead* f, Status st) {
+  // FileRead's `finish`: releases the pins and the lock, then reports `st`.
+  KVBLK_HOT static void Finish(FileRead* r, Status st) {
+    auto* f = static_cast<FastRead*>(r);
     ReadRequest* req = f->req;
     Qcow2Device* dev = f->dev;
     Destroy(f);
@@ -51,25 +52,8 @@ struct Qcow2Device::FastRead : IoOp {
     req->done(req, std::move(st));
   }
 
-  KVBLK_HOT static void OnIoDone(IoOp* op) {
-    auto* f = static_cast<FastRead*>(op);
-    if (f->result >= 0 && static_cast<size_t>(f->result) == f->want) {
-      Finish(f, Status::Ok());
-      return;
-    }
-    try {
-      Spawn(f->dev->file_->FinishReadV(f->req->iov, f->req->iovcnt, f->host, f->result),
-            [f](Status st) { Finish(f, std::move(st)); });
-    } catch (const std::bad_alloc&) {  // no frame: nothing started
-      Finish(f, Status(StatusCode::kIoError, "out of memory finishing a short read"));
-    }
-  }
-
   Qcow2Device* dev;
-  ReadRequest* req;
   IoPins pins;
-  uint64_t host = 0;  // where the read starts in the file
-  size_t want = 0;    // its length
 };
 
 KVBLK_HOT void Qcow2Device::StartRead(ReadRequest* req) {
@@ -106,12 +90,7 @@ KVBLK_HOT bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
     image_lock_.UnlockShared();
     throw;
   }
-  if (ok) {
-    f->host = m.host + (pos & (cluster_size_ - 1));
-    f->want = len;
-    f->on_done = &FastRead::OnIoDone;
-    ok = file_->StartReadV(req->iov, req->iovcnt, f->host, f);
-  }
+  if (ok) ok = f->Start(file_.get(), req, m.host + (pos & (cluster_size_ - 1)), len, &FastRead::Finish);
   if (!ok) {
     FastRead::Destroy(f);  // unpins
     image_lock_.UnlockShared();

@@ -5,6 +5,7 @@
 
 #include <new>
 
+#include "disk/hot.h"
 #include "kvblk/event_loop.h"
 
 namespace kvblk {
@@ -61,6 +62,34 @@ Status RawDevice::CheckRange(uint64_t offset, uint64_t length) const {
 Task<Status> RawDevice::Read(uint64_t offset, const iovec* iov, int iovcnt) {
   KVBLK_CO_RETURN_IF_ERROR(CheckRange(offset, IovTotal(iov, iovcnt)));
   co_return co_await file_->ReadV(iov, iovcnt, offset);
+}
+
+KVBLK_HOT void RawDevice::StartRead(ReadRequest* req) {
+  static_assert(sizeof(FileRead) <= ReadRequest::kDeviceStateSize);
+  static_assert(alignof(FileRead) <= 16);  // device_state is alignas(16)
+  const size_t len = IovTotal(req->iov, req->iovcnt);
+  // Empty and out-of-range requests are Read()'s to answer.
+  if (len > 0 && req->offset <= size_ && len <= size_ - req->offset) {
+    auto* r = new (req->device_state) FileRead;
+    bool started = false;
+    try {  // the thread's first read may create its loop
+      started = r->Start(file_.get(), req, req->offset, len, &FinishFastRead);
+    } catch (const std::bad_alloc&) {  // nothing started; Read() reports it
+    }
+    if (started) {
+      fast_reads_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    r->~FileRead();
+  }
+  BlockDevice::StartRead(req);
+}
+
+// FileRead's `finish` for StartRead: ends the FileRead, then reports.
+KVBLK_HOT void RawDevice::FinishFastRead(FileRead* r, Status st) {
+  ReadRequest* req = r->req;
+  r->~FileRead();
+  req->done(req, std::move(st));
 }
 
 Task<Status> RawDevice::Write(uint64_t offset, const iovec* iov, int iovcnt) {

@@ -1,6 +1,7 @@
-// BlockDevice::StartRead and Qcow2Device's read fast path: the same bytes
-// and errors as Read(), the fast path taken exactly where it applies, and
-// short transfers finished the way ReadV finishes them.
+// BlockDevice::StartRead and the read fast paths of Qcow2Device and
+// RawDevice: the same bytes and errors as Read(), the fast path taken
+// exactly where it applies, and short transfers finished the way ReadV
+// finishes them.
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "disk/qcow2_device.h"
+#include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
 #include "tests/support/test_util.h"
 
@@ -32,9 +34,10 @@ std::unique_ptr<BlockDevice> MustOpen(const std::string& path, bool direct = fal
 }
 
 uint64_t FastReads(BlockDevice* dev) {
-  auto* q = dynamic_cast<qcow2::Qcow2Device*>(dev);
-  EXPECT_NE(q, nullptr);
-  return q ? q->fast_reads() : 0;
+  if (auto* q = dynamic_cast<qcow2::Qcow2Device*>(dev)) return q->fast_reads();
+  if (auto* r = dynamic_cast<RawDevice*>(dev)) return r->fast_reads();
+  ADD_FAILURE() << "neither a qcow2 nor a raw device";
+  return 0;
 }
 
 // StartRead, waited for on this thread's loop.
@@ -251,18 +254,86 @@ TEST(FastRead, AShortTransferAtTheEndOfTheFileIsFinishedWithZeros) {
   EXPECT_TRUE(CloseImage(std::move(dev)).ok());
 }
 
-TEST(FastRead, RawImagesUseReadThroughTheDefaultStartRead) {
-  TempDir dir;
+// A raw image of 1 MiB whose first 8 KiB hold 9s, opened read-only.
+std::unique_ptr<BlockDevice> OpenRaw(const TempDir& dir, bool direct = false) {
   const std::string img = dir.File("a.raw");
-  ASSERT_EQ(Sh("qemu-img create -q -f raw " + img + " 1M && qemu-io -f raw -c 'write -P 9 0 8k' " +
-               img)
-                .exit_code,
-            0);
-  auto dev = MustOpen(img);
+  if (Sh("qemu-img create -q -f raw " + img + " 1M && qemu-io -f raw -c 'write -P 9 0 8k' " + img)
+          .exit_code != 0) {
+    ADD_FAILURE() << "could not make " << img;
+    return nullptr;
+  }
+  return MustOpen(img, direct);
+}
+
+TEST(FastRead, RawImagesReadFastWithTheBytesReadGives) {
+  TempDir dir;
+  auto dev = OpenRaw(dir);
   ASSERT_NE(dev, nullptr);
   auto buf = ReadBothWays(dev.get(), 4000, 8192);
   ExpectFilled(buf, 0, 8192 - 4000, 9);
   ExpectFilled(buf, 8192 - 4000, buf.size(), 0);
+  // Three iovec pieces, ending at the last byte of the device.
+  std::vector<uint8_t> pieces(3 * 512, 0xee);
+  iovec iov[3] = {{pieces.data(), 512}, {pieces.data() + 512, 512}, {pieces.data() + 1024, 512}};
+  ASSERT_TRUE(StartReadSync(dev.get(), 1024 * 1024 - 1536, iov, 3).ok());
+  ExpectFilled(pieces, 0, pieces.size(), 0);
+  ASSERT_TRUE(StartReadSync(dev.get(), 512, iov, 3).ok());
+  ExpectFilled(pieces, 0, pieces.size(), 9);
+  EXPECT_EQ(FastReads(dev.get()), 3u);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, RawRequestsPastTheEndOrEmptyAreAnsweredByRead) {
+  TempDir dir;
+  auto dev = OpenRaw(dir);
+  ASSERT_NE(dev, nullptr);
+  std::vector<uint8_t> buf(4096);
+  Status by_read = RunSync(dev->Read(1024 * 1024 - 512, buf.data(), buf.size()));
+  Status by_start = StartReadSync(dev.get(), 1024 * 1024 - 512, buf.data(), buf.size());
+  EXPECT_EQ(by_read.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(by_start.ToString(), by_read.ToString());
+  // Past the end by its offset alone (offset + length would wrap).
+  by_start = StartReadSync(dev.get(), ~uint64_t{0} - 100, buf.data(), buf.size());
+  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
+  // Empty: succeeds, as Read() does.
+  EXPECT_TRUE(StartReadSync(dev.get(), 4096, buf.data(), 0).ok());
+  EXPECT_EQ(FastReads(dev.get()), 0u);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+TEST(FastRead, RawDirectReadsBounceUnalignedBuffersAndSendAlignedOnesFast) {
+  TempDir dir;
+  auto dev = OpenRaw(dir, /*direct=*/true);
+  ASSERT_NE(dev, nullptr);
+  std::vector<uint8_t> storage(4096 + 1);
+  uint8_t* odd = storage.data() + 1;  // not aligned for O_DIRECT
+  ASSERT_TRUE(StartReadSync(dev.get(), 4096, odd, 4096).ok());
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(odd[i], 9) << i;
+  EXPECT_EQ(FastReads(dev.get()), 0u);
+
+  void* p = nullptr;
+  ASSERT_EQ(posix_memalign(&p, 4096, 8192), 0);
+  std::unique_ptr<uint8_t, decltype(&free)> aligned(static_cast<uint8_t*>(p), &free);
+  std::memset(aligned.get(), 0, 8192);
+  ASSERT_TRUE(StartReadSync(dev.get(), 0, aligned.get(), 8192).ok());
+  for (size_t i = 0; i < 8192; ++i) ASSERT_EQ(aligned.get()[i], 9) << i;
+  EXPECT_EQ(FastReads(dev.get()), 1u);
+  EXPECT_TRUE(CloseImage(std::move(dev)).ok());
+}
+
+// The file shrank under the open device: the kernel transfers what is left
+// and FileRead hands the short transfer to FinishReadV, which fills the rest
+// with zeros, as Read() does.
+TEST(FastRead, RawShortTransferAtTheEndOfTheFileIsFinishedWithZeros) {
+  TempDir dir;
+  auto dev = OpenRaw(dir);
+  ASSERT_NE(dev, nullptr);
+  ASSERT_EQ(truncate(dir.File("a.raw").c_str(), 4096 + 100), 0);
+  auto buf = ReadBothWays(dev.get(), 2048, 8192);
+  ExpectFilled(buf, 0, 4096 + 100 - 2048, 9);
+  ExpectFilled(buf, 4096 + 100 - 2048, buf.size(), 0);
+  EXPECT_EQ(FastReads(dev.get()), 1u);
   EXPECT_TRUE(CloseImage(std::move(dev)).ok());
 }
 

@@ -81,6 +81,24 @@ std::vector<uint8_t> ReadBothWays(BlockDevice* dev, uint64_t offset, size_t len)
   return b;
 }
 
+// A request Read() refuses as out of range: StartRead refuses it with the
+// same Status.
+void ExpectRefusedAsReadRefuses(BlockDevice* dev, uint64_t offset, size_t len) {
+  std::vector<uint8_t> buf(len);
+  Status by_read = RunSync(dev->Read(offset, buf.data(), buf.size()));
+  Status by_start = StartReadSync(dev, offset, buf.data(), buf.size());
+  EXPECT_EQ(by_read.code(), StatusCode::kInvalidArgument) << by_read.ToString();
+  EXPECT_EQ(by_start.ToString(), by_read.ToString());
+}
+
+// A zeroed buffer of `len` bytes aligned for O_DIRECT.
+std::unique_ptr<uint8_t, decltype(&free)> AlignedZeros(size_t len) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, len) != 0) p = nullptr;
+  if (p != nullptr) std::memset(p, 0, len);
+  return {static_cast<uint8_t*>(p), &free};
+}
+
 void ExpectFilled(const std::vector<uint8_t>& buf, size_t from, size_t to, uint8_t want) {
   for (size_t i = from; i < to; ++i) ASSERT_EQ(buf[i], want) << "at byte " << i;
 }
@@ -93,19 +111,27 @@ std::unique_ptr<BlockDevice> MustOpenWarm(const std::string& path, bool direct =
   return dev;
 }
 
+// Makes image `img` of `format` and `size` whose first `written` bytes
+// hold `pattern` (qemu-img and qemu-io).
+bool MakeImage(const std::string& img, const std::string& format, const std::string& size,
+               const std::string& written, int pattern) {
+  if (Sh("qemu-img create -q -f " + format + " " + img + " " + size).exit_code == 0 &&
+      Sh("qemu-io -f " + format + " -c 'write -P " + std::to_string(pattern) + " 0 " + written +
+         "' " + img)
+              .exit_code == 0) {
+    return true;
+  }
+  ADD_FAILURE() << "could not make " << img;
+  return false;
+}
+
 // A qcow2 image of `size` whose first `written` bytes hold `pattern`,
 // opened read-only, with its first L2 table cached (one read each way).
 std::unique_ptr<BlockDevice> OpenWarm(const TempDir& dir, const std::string& size,
                                       const std::string& written, int pattern,
                                       bool direct = false) {
   const std::string img = dir.File("a.qcow2");
-  if (Sh("qemu-img create -q -f qcow2 " + img + " " + size).exit_code != 0 ||
-      Sh("qemu-io -c 'write -P " + std::to_string(pattern) + " 0 " + written + "' " + img)
-              .exit_code != 0) {
-    ADD_FAILURE() << "could not make " << img;
-    return nullptr;
-  }
-  return MustOpenWarm(img, direct);
+  return MakeImage(img, "qcow2", size, written, pattern) ? MustOpenWarm(img, direct) : nullptr;
 }
 
 TEST(FastRead, MappedReadsTakeTheFastPathOnceTheTableIsCached) {
@@ -193,12 +219,7 @@ TEST(FastRead, ARequestPastTheEndFailsAsReadFails) {
   TempDir dir;
   auto dev = OpenWarm(dir, "1M", "1M", 1);
   ASSERT_NE(dev, nullptr);
-  std::vector<uint8_t> buf(4096);
-  Status by_read = RunSync(dev->Read(1024 * 1024 - 512, buf.data(), buf.size()));
-  Status by_start = StartReadSync(dev.get(), 1024 * 1024 - 512, buf.data(), buf.size());
-  EXPECT_EQ(by_read.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(by_start.ToString(), by_read.ToString());
+  ExpectRefusedAsReadRefuses(dev.get(), 1024 * 1024 - 512, 4096);
   EXPECT_TRUE(CloseImage(std::move(dev)).ok());
 }
 
@@ -214,10 +235,8 @@ TEST(FastRead, DirectReadsBounceUnalignedBuffersAndSendAlignedOnesFast) {
   for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(odd[i], 0x3c) << i;
   EXPECT_EQ(FastReads(dev.get()), fast_before);
 
-  void* p = nullptr;
-  ASSERT_EQ(posix_memalign(&p, 4096, 8192), 0);
-  std::unique_ptr<uint8_t, decltype(&free)> aligned(static_cast<uint8_t*>(p), &free);
-  std::memset(aligned.get(), 0, 8192);
+  auto aligned = AlignedZeros(8192);
+  ASSERT_NE(aligned, nullptr);
   ASSERT_TRUE(StartReadSync(dev.get(), 8192, aligned.get(), 8192).ok());
   for (size_t i = 0; i < 8192; ++i) ASSERT_EQ(aligned.get()[i], 0x3c) << i;
   EXPECT_EQ(FastReads(dev.get()), fast_before + 1);
@@ -257,12 +276,7 @@ TEST(FastRead, AShortTransferAtTheEndOfTheFileIsFinishedWithZeros) {
 // A raw image of 1 MiB whose first 8 KiB hold 9s, opened read-only.
 std::unique_ptr<BlockDevice> OpenRaw(const TempDir& dir, bool direct = false) {
   const std::string img = dir.File("a.raw");
-  if (Sh("qemu-img create -q -f raw " + img + " 1M && qemu-io -f raw -c 'write -P 9 0 8k' " + img)
-          .exit_code != 0) {
-    ADD_FAILURE() << "could not make " << img;
-    return nullptr;
-  }
-  return MustOpen(img, direct);
+  return MakeImage(img, "raw", "1M", "8k", 9) ? MustOpen(img, direct) : nullptr;
 }
 
 TEST(FastRead, RawImagesReadFastWithTheBytesReadGives) {
@@ -287,17 +301,12 @@ TEST(FastRead, RawRequestsPastTheEndOrEmptyAreAnsweredByRead) {
   TempDir dir;
   auto dev = OpenRaw(dir);
   ASSERT_NE(dev, nullptr);
-  std::vector<uint8_t> buf(4096);
-  Status by_read = RunSync(dev->Read(1024 * 1024 - 512, buf.data(), buf.size()));
-  Status by_start = StartReadSync(dev.get(), 1024 * 1024 - 512, buf.data(), buf.size());
-  EXPECT_EQ(by_read.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(by_start.ToString(), by_read.ToString());
+  ExpectRefusedAsReadRefuses(dev.get(), 1024 * 1024 - 512, 4096);
   // Past the end by its offset alone (offset + length would wrap).
-  by_start = StartReadSync(dev.get(), ~uint64_t{0} - 100, buf.data(), buf.size());
-  EXPECT_EQ(by_start.code(), StatusCode::kInvalidArgument);
+  ExpectRefusedAsReadRefuses(dev.get(), ~uint64_t{0} - 100, 4096);
   // Empty: succeeds, as Read() does.
-  EXPECT_TRUE(StartReadSync(dev.get(), 4096, buf.data(), 0).ok());
+  uint8_t byte = 0;
+  EXPECT_TRUE(StartReadSync(dev.get(), 4096, &byte, 0).ok());
   EXPECT_EQ(FastReads(dev.get()), 0u);
   EXPECT_TRUE(CloseImage(std::move(dev)).ok());
 }
@@ -312,10 +321,8 @@ TEST(FastRead, RawDirectReadsBounceUnalignedBuffersAndSendAlignedOnesFast) {
   for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(odd[i], 9) << i;
   EXPECT_EQ(FastReads(dev.get()), 0u);
 
-  void* p = nullptr;
-  ASSERT_EQ(posix_memalign(&p, 4096, 8192), 0);
-  std::unique_ptr<uint8_t, decltype(&free)> aligned(static_cast<uint8_t*>(p), &free);
-  std::memset(aligned.get(), 0, 8192);
+  auto aligned = AlignedZeros(8192);
+  ASSERT_NE(aligned, nullptr);
   ASSERT_TRUE(StartReadSync(dev.get(), 0, aligned.get(), 8192).ok());
   for (size_t i = 0; i < 8192; ++i) ASSERT_EQ(aligned.get()[i], 9) << i;
   EXPECT_EQ(FastReads(dev.get()), 1u);

@@ -22,9 +22,9 @@
 #include <new>
 
 #include "disk/file_read.h"
-#include "disk/iov.h"
-#include "disk/io_engine.h"
 #include "disk/hot.h"
+#include "disk/io_engine.h"
+#include "disk/iov.h"
 #include "disk/qcow2_device.h"
 
 namespace kvblk::qcow2 {
@@ -32,7 +32,7 @@ namespace kvblk::qcow2 {
 // Lives in the request's device_state from StartRead until `done`: a read
 // allocates nothing. FileRead does the I/O and the short-transfer handling.
 struct Qcow2Device::FastRead : FileRead {
-  FastRead(Qcow2Device* d) : dev(d), pins(d->alloc_.get()) {}
+  explicit FastRead(Qcow2Device* d) : dev(d), pins(d->alloc_.get()) {}
 
   static FastRead* Create(Qcow2Device* d, ReadRequest* r) {
     static_assert(sizeof(FastRead) <= ReadRequest::kDeviceStateSize);
@@ -78,11 +78,10 @@ KVBLK_HOT bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
   Mapping m;
   bool ok;
   try {  // pinning more than a few clusters allocates
-    ok = TryLookupCached(pos >> cluster_bits_, &m, &f->pins) &&
-         m.type == Mapping::Type::kNormal;
+    ok = TryLookupCached(pos >> cluster_bits_, &m, &f->pins) && m.type == Mapping::Type::kNormal;
     if (ok) {
-      const size_t first = static_cast<size_t>(
-          std::min<uint64_t>(cluster_size_ - (pos & (cluster_size_ - 1)), len));
+      const size_t first =
+          static_cast<size_t>(std::min<uint64_t>(cluster_size_ - (pos & (cluster_size_ - 1)), len));
       ok = first == len || ExtendCachedRun(pos, pos + len, first, m, &f->pins) == len;
     }
   } catch (...) {
@@ -90,7 +89,8 @@ KVBLK_HOT bool Qcow2Device::TryStartFastRead(ReadRequest* req) {
     image_lock_.UnlockShared();
     throw;
   }
-  if (ok) ok = f->Start(file_.get(), req, m.host + (pos & (cluster_size_ - 1)), len, &FastRead::Finish);
+  if (ok)
+    ok = f->Start(file_.get(), req, m.host + (pos & (cluster_size_ - 1)), len, &FastRead::Finish);
   if (!ok) {
     FastRead::Destroy(f);  // unpins
     image_lock_.UnlockShared();

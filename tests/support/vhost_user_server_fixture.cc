@@ -157,6 +157,15 @@ uint8_t VhostUserServerTest::RunOne(DriverRing& ring, QueueFds& fds, BlkReq& r, 
   return ring.Status(r);
 }
 
+void VhostUserServerTest::ReadSectors(DriverRing& ring, QueueFds& fds, int n) {
+  BlkReq r;
+  for (int i = 0; i < n; ++i) {
+    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, static_cast<uint64_t>(i), {}, 512),
+              vblk::kStatusOk)
+        << "read " << i << "\n" << server_.Logs();
+  }
+}
+
 void VhostUserServerTest::ExpectKickIgnored(QueueFds& kick, DriverRing& ring, uint16_t used) {
   kick.Kick();
   EXPECT_EQ(fe_->GetU64(Request::kGetQueueNum), 1u);  // a round trip through the loop

@@ -86,6 +86,10 @@ class VhostUserServerTest : public ::testing::Test {
   uint8_t RunOne(DriverRing& ring, QueueFds& fds, BlkReq& r, uint32_t type, uint64_t sector,
                  const std::vector<uint8_t>& out, uint32_t in_len);
 
+  // Runs `n` 512-byte reads of sectors 0..n-1 one after another; each must
+  // succeed (the failure names the read and shows the server's log).
+  void ReadSectors(DriverRing& ring, QueueFds& fds, int n);
+
   // Kicks through `kick` (an old or disabled ring's eventfd), lets the
   // server's loop run a round trip and a pause, then expects the used index
   // to be `used` still: the kick was not served.

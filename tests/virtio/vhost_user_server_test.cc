@@ -197,10 +197,7 @@ TEST_F(VhostUserServerTest, GetVringBaseStopsTheRingAndReturnsTheNextAvailIndex)
   DriverRing ring(ram_, kGuestBase);
   QueueFds fds;
   Handshake(*fe_, ring, fds);
-  BlkReq r;
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk);
-  }
+  ASSERT_NO_FATAL_FAILURE(ReadSectors(ring, fds, 3));
   fe_->Send(Request::kGetVringBase, EncodeVringState({0, 0}));
   auto base = DecodeVringState(fe_->Recv(Request::kGetVringBase));
   ASSERT_TRUE(base.ok());
@@ -208,7 +205,7 @@ TEST_F(VhostUserServerTest, GetVringBaseStopsTheRingAndReturnsTheNextAvailIndex)
   EXPECT_EQ(base->num, 3u);
 
   // Stopped: a request and a kick on the old fd are not processed.
-  r = ring.Submit(vblk::kTypeIn, 5, {}, 512);
+  BlkReq r = ring.Submit(vblk::kTypeIn, 5, {}, 512);
   ExpectKickIgnored(fds, ring, 3);
 
   // Restarted where it stopped: the pending request completes.
@@ -323,10 +320,7 @@ TEST_F(VhostUserServerTest, KickThroughAPipeWorks) {
   fds.kick.Reset(p[0]);  // what Handshake sends
   Handshake(*fe_, ring, fds);
   fds.kick.Reset(p[1]);  // what Kick() writes to
-  BlkReq r;
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk);
-  }
+  ASSERT_NO_FATAL_FAILURE(ReadSectors(ring, fds, 3));
 }
 
 // The io_uring engine, except that every read of an eventfd fails with
@@ -373,10 +367,7 @@ TEST_F(VhostUserServerTest, KickReadFailureMovesTheQueueToThePoller) {
   DriverRing ring(ram_, kGuestBase);
   QueueFds fds;
   Handshake(*fe_, ring, fds);
-  BlkReq r;
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_EQ(RunOne(ring, fds, r, vblk::kTypeIn, i, {}, 512), vblk::kStatusOk) << server_.Logs();
-  }
+  ASSERT_NO_FATAL_FAILURE(ReadSectors(ring, fds, 3));
   EXPECT_EQ(EventfdReadsFail::reads_failed, 1);
   EXPECT_TRUE(server_.HasLog("queue 0: reading its kick eventfd in the ring failed")) << server_.Logs();
 }

@@ -6,9 +6,10 @@
 #   perf/engine_ab.sh [-r ROUNDS] [-t SECONDS] [-c CPU] [-k falloc|pre] [-m iops|cpu]
 #                     A.so [B.so]
 #
-# Each round runs raw, A, then B (4 KiB random reads, QD32, O_DIRECT, fio
-# pinned to CPU unless -c ''); the report gives every round and, per
-# engine, the median and its ratio to raw (and B/A). -m cpu reports fio's
+# Each round runs raw, A and B (4 KiB random reads, QD32, O_DIRECT, fio
+# pinned to CPU unless -c ''), in reverse order every other round; the
+# report gives every round and, per engine, the median and its ratio to
+# raw (and B/A), and the median of the ratios within each round. -m cpu reports fio's
 # CPU time per I/O in ns instead of IOPS (lower is better). The images
 # (1 GiB, 64 KiB clusters) are made once under build/perf/ab/: `falloc`
 # ones read as zeros without touching the device (CPU only), `pre` ones
@@ -45,6 +46,14 @@ if [ ! -f "$QCOW" ]; then
     mv "$QCOW.tmp" "$QCOW"
 fi
 
+# This machine's virtual disk reads a block it has not read for a while
+# several times slower (the host caches it): an image made or last read
+# hours ago starts cold and warms during the rounds, which would favour
+# whichever engine runs later. Read both images once, whole, first.
+if [ "$KIND" = pre ]; then
+  for img in "$RAW" "$QCOW"; do dd if="$img" of=/dev/null bs=1M iflag=direct status=none; done
+fi
+
 common=(--name=ab --rw=randread --bs=4k --iodepth=32 --direct=1 --time_based
         --runtime="$SECS" --size=1G --thread --output-format=terse --terse-version=3)
 [ -n "$CPU" ] && common+=(--cpus_allowed="$CPU")
@@ -56,8 +65,19 @@ one() {
 }
 results=()
 for ((r = 0; r < ROUNDS; r++)); do
-  line=$(one --ioengine=io_uring --filename="$RAW")
-  for e in "${ENGINES[@]}"; do line="$line $(one --ioengine=external:"$e" --filename="$QCOW")"; done
+  # Odd rounds run the engines in reverse order, so that none always runs
+  # first (right after a pause) or last.
+  order=($(seq 0 ${#ENGINES[@]}))
+  ((r % 2)) && order=($(seq ${#ENGINES[@]} -1 0))
+  vals=()
+  for i in "${order[@]}"; do
+    if ((i == 0)); then
+      vals[0]=$(one --ioengine=io_uring --filename="$RAW")
+    else
+      vals[i]=$(one --ioengine=external:"${ENGINES[i - 1]}" --filename="$QCOW")
+    fi
+  done
+  line="${vals[*]}"
   results+=("$line")
   echo "round $((r + 1))/$ROUNDS: $line" >&2
 done
@@ -72,6 +92,14 @@ print("%s, median of %d rounds (%s)" % (unit, len(rows), "higher is better" if m
 print("  raw  %10.0f" % med[0])
 for i, n in enumerate(names, 1):
     print("  %s  %10.0f  /raw %.3f  (rounds %.0f-%.0f)" % ("AB"[i - 1], med[i], med[i] / med[0], min(cols[i]), max(cols[i])))
+# The same ratios taken within each round (one engine right after the
+# other) and then their median: drift between rounds cancels out.
+def paired(i, j):
+    r = sorted(a[i] / a[j] for a in rows)
+    return "%.3f (rounds %.3f-%.3f)" % (statistics.median(r), r[0], r[-1])
+for i in range(1, len(names) + 1):
+    print("  %s/raw, median of the rounds\x27 own ratios: %s" % ("AB"[i - 1], paired(i, 0)))
 if len(names) == 2:
     print("  B/A  %.3f" % (med[2] / med[1]))
+    print("  B/A, median of the rounds\x27 own ratios: %s" % paired(2, 1))
 ' "$MEASURE" "${ENGINES[@]}"

@@ -78,6 +78,49 @@ def rows_by_key(results):
     return {k: {be: median_run(runs) for be, runs in by.items()} for k, by in table.items()}
 
 
+# The pairs whose IOPS ratio the targets judge, for paired_markdown().
+PAIRS = [("kvblk", "raw"), ("serve", "qemu"), ("kvblk", "qemu")]
+
+
+def paired_markdown(results, job_order):
+    """For jobs run in rounds: per pair of backends, the IOPS ratio within
+    each round (the two ran minutes apart at most) and the median of those,
+    which drift between rounds does not move as it moves the ratio of the
+    median runs. Empty when no job ran in rounds."""
+    runs = [r for r in results
+            if not r.get("ablation") and r.get("round") and r.get("iops") is not None]
+    by = {}  # (group, cluster, ext) -> {round: {backend: iops}}
+    for r in runs:
+        if r["cluster"] is not None:
+            c, ext = layout_of(r)
+            by.setdefault((r["group"], c, ext), {}).setdefault(r["round"], {})[r["backend"]] = \
+                r["iops"]
+    for r in runs:  # raw runs have no cluster size: they go with every layout of the group
+        if r["cluster"] is None:
+            for k in by:
+                if k[0] == r["group"]:
+                    by[k].setdefault(r["round"], {})[r["backend"]] = r["iops"]
+    rows = []
+    for k in sorted_keys(by, job_order):
+        for a, b in PAIRS:
+            rs = sorted(v[a] / v[b] for v in by[k].values() if v.get(a) and v.get(b))
+            if not rs:
+                continue
+            n = len(rs)
+            med = rs[n // 2] if n % 2 else (rs[n // 2 - 1] + rs[n // 2]) / 2
+            rows.append("| %s | %s | %s/%s | %.2f | %s | %d |" % (
+                k[0], layout_label(k), a, b, med,
+                " ".join("%.2f" % x for x in rs), n))
+    if not rows:
+        return []
+    out = ["## Ratios within rounds", "",
+           "The same IOPS ratios taken within each round and their median: the machine's "
+           "speed drifts between rounds, which moves the ratio of the median runs above but "
+           "not these.", "",
+           "| job | cluster | ratio | median | rounds, sorted | n |", "|---|---|---|---|---|---|"]
+    return out + rows + [""]
+
+
 def sorted_keys(table, job_order):
     """The keys of rows_by_key() in job_order (other jobs last), then by
     group, entry format and cluster size."""
@@ -218,6 +261,7 @@ def markdown(meta, results, job_order, ablation_order):
                     fmt_num(ratio(g(sv, "peak_rss_kib"), g(qe, "peak_rss_kib")), 2)]
         out.append("| " + " | ".join(row) + " |")
     out.append("")
+    out += paired_markdown(results, job_order)
     out.append("## Measurements")
     out.append("")
     out.append("CPU: seconds of CPU per 1000 I/Os — of the back-end process for QEMU and serve, "

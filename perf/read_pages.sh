@@ -15,6 +15,9 @@
 #
 # Prints the medians per read, then the pages per read by mapping ("?":
 # memory mapped after the snapshot of /proc/PID/maps, usually the heap).
+# For an external engine it then lists, per function of the engine, the
+# data lines per read that the function was the first to touch in the read
+# and that fio's own code did not touch: where the engine's footprint is.
 set -euo pipefail
 
 reads=3000 keep=0
@@ -51,31 +54,71 @@ while kill -0 $vg 2>/dev/null; do
 done
 wait $vg
 
-python3 - "$log" "$maps" <<'EOF'
-import collections, statistics, sys
-log, mapsf = sys.argv[1:3]
-maps = []
+so=
+case $engine in external:*) so=${engine#external:} ;; esac
+python3 - "$log" "$maps" "$so" <<'EOF'
+import bisect, collections, statistics, subprocess, sys
+log, mapsf, so = sys.argv[1:4]
+maps = []  # (lo, hi, name, path, file offset)
 try:
     for line in open(mapsf):
         f = line.split()
         lo, hi = (int(x, 16) for x in f[0].split('-'))
-        maps.append((lo, hi, f[5].split('/')[-1] if len(f) > 5 else '[anon]'))
+        path = f[5] if len(f) > 5 else '[anon]'
+        maps.append((lo, hi, path.split('/')[-1], path, int(f[2], 16)))
 except FileNotFoundError:
     pass
+# The engine's functions, to name the code that touches each line: its
+# symbols' addresses are offsets from the lowest mapping of the file.
+syms, keys, so_base = [], [], None
+if so:
+    bases = [lo - off for lo, hi, _, path, off in maps if path == so]
+    if bases:
+        so_base = min(bases)
+        out = subprocess.run(['nm', '-C', '--defined-only', so], capture_output=True, text=True)
+        for l in out.stdout.splitlines():
+            p = l.split(' ', 2)
+            if len(p) == 3 and p[1] in 'tTwW':
+                syms.append((int(p[0], 16), p[2]))
+        syms.sort()
+        keys = [a for a, _ in syms]
+fn_of = {}
+def function(addr):
+    """The engine function at code address `addr`, else its mapping's name."""
+    name = fn_of.get(addr)
+    if name is None:
+        name = '?'
+        for lo, hi, n, path, off in maps:
+            if lo <= addr < hi:
+                name = n
+                if path == so and keys:
+                    i = bisect.bisect_right(keys, addr - so_base) - 1
+                    if i >= 0:
+                        # without the parameters (but keeping namespaces)
+                        name = syms[i][1].replace('(anonymous namespace)', '{anon}').split('(')[0]
+                break
+        fn_of[addr] = name
+    return name
+fio_names = ('fio', 'libc.so.6')
 def where(page):
     a = page << 12
-    for lo, hi, name in maps:
+    for lo, hi, name, _, _ in maps:
         if lo <= a < hi:
             return name
     return '?'
 # Each window runs from one io_uring_enter (syscall 426) to the next.
+# first[line]: the function that touched the line first in this window.
 windows, code, data, lines, n, started = [], set(), set(), set(), 0, False
+first, fio_lines, cur = {}, set(), '?'
 for line in open(log, errors='replace'):
     if line.startswith('SYSCALL'):
         if '(426)' in line:
             if started:
-                windows.append((code, data, lines, n))
+                owners = collections.Counter(
+                    f for l, f in first.items() if l not in fio_lines and f not in fio_names)
+                windows.append((code, data, lines, n, owners))
             started, code, data, lines, n = True, set(), set(), set(), 0
+            first, fio_lines = {}, set()
         continue
     if not started or len(line) < 4:
         continue
@@ -86,9 +129,15 @@ for line in open(log, errors='replace'):
     if line[:2] == 'I ':
         code.add(addr >> 12)
         n += 1
+        if so_base is not None:
+            cur = function(addr)
     elif line[:2] in (' L', ' S', ' M'):
         data.add(addr >> 12)
         lines.add(addr >> 6)
+        if so_base is not None:
+            first.setdefault(addr >> 6, cur)
+            if cur in fio_names:
+                fio_lines.add(addr >> 6)
 w = windows[len(windows) // 5:]
 if not w:
     sys.exit('read_pages: no io_uring_enter calls in the trace')
@@ -106,5 +155,14 @@ print('pages per read by mapping:')
 for (kind, name), c in sorted(by.items(), key=lambda t: -t[1]):
     if c / len(w) >= 0.05:
         print('  %s %-32s %5.2f' % (kind, name, c / len(w)))
+if so_base is not None:
+    owners = collections.Counter()
+    for x in w:
+        owners.update(x[4])
+    print('data lines per read the engine adds, by the function first touching them '
+          '(%.1f in all):' % (sum(owners.values()) / len(w)))
+    for name, c in owners.most_common():
+        if c / len(w) >= 0.05:
+            print('  %5.2f %s' % (c / len(w), name[:90]))
 EOF
 [ "$keep" = 1 ] || rm -f "$log"

@@ -9,15 +9,16 @@
 # Each round runs raw, A and B (4 KiB random reads, QD32, O_DIRECT, fio
 # pinned to CPU unless -c ''), in reverse order every other round; the
 # report gives every round and, per engine, the median and its ratio to
-# raw (and B/A), and the median of the ratios within each round. -m cpu reports fio's
-# CPU time per I/O in ns instead of IOPS (lower is better). The images
-# (1 GiB, 64 KiB clusters) are made once under build/perf/ab/: `falloc`
-# ones read as zeros without touching the device (CPU only), `pre` ones
-# hold data. Build the engine with `make perf`; keep copies of the builds
-# to compare (cp build/perf/fio-kvblk.so /tmp/a.so).
+# raw (and B/A), and the median of the ratios within each round. -m cpu
+# reports fio's CPU time per I/O in ns instead of IOPS (lower is better).
+# The images (1 GiB, 64 KiB clusters) are made once under build/perf/ab/:
+# `falloc` ones read as zeros without touching the device (CPU only),
+# `pre` ones hold data and are read once, whole, before the rounds. Build
+# the engine with `make perf`; keep copies of the builds to compare
+# (cp build/perf/fio-kvblk.so /tmp/a.so).
 set -euo pipefail
 ROUNDS=6 SECS=2 CPU=1 KIND=falloc MEASURE=iops
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while getopts "r:t:c:k:m:h" o; do
   case $o in
     r) ROUNDS=$OPTARG ;; t) SECS=$OPTARG ;; c) CPU=$OPTARG ;; k) KIND=$OPTARG ;;

@@ -23,7 +23,7 @@ set -euo pipefail
 reads=3000 keep=0
 while getopts "n:kh" o; do
   case $o in
-    n) reads=$OPTARG ;; k) keep=1 ;; h) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    n) reads=$OPTARG ;; k) keep=1 ;; h) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) exit 2 ;;
   esac
 done

@@ -8,13 +8,13 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <fstream>
 #include <set>
 
 #include "disk/mem_file.h"
 #include "disk/raw_device.h"
 #include "kvblk/event_loop.h"
 #include "tests/support/forwarding_device.h"
+#include "tests/support/qemu_util.h"
 #include "tests/support/test_util.h"
 #include "tests/support/virtio_fake_driver.h"
 
@@ -692,12 +692,7 @@ TEST(BlkDeviceRawFileTest, GuestReadsTakeTheRawFastPath) {
   testing::TempDir dir;
   const std::string img = dir.File("disk.raw");
   const std::vector<uint8_t> bytes = PatternBytes(kDiskSize, 3);
-  {
-    std::ofstream f(img, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(bytes.data()),
-            static_cast<std::streamsize>(bytes.size()));
-    ASSERT_TRUE(f.good());
-  }
+  ASSERT_NO_FATAL_FAILURE(testing::WriteFileBytes(img, bytes));
   OpenOptions o;
   o.format = "raw";
   auto disk = OpenImage(img, o);

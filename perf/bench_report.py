@@ -60,10 +60,10 @@ def median_run(runs):
     return r
 
 
-def rows_by_key(results):
-    """{(group, cluster, ext): {backend: result}} of the matrix (not the
-    ablation), raw rows copied to every layout of their group; a measurement
-    made in several rounds is represented by median_run()."""
+def runs_by_key(results):
+    """{(group, cluster, ext): {backend: [result, ...]}} of the matrix (not
+    the ablation), raw runs copied to every layout of their group: every
+    round of each measurement."""
     table = {}
     layouts = {}
     results = [r for r in results if not r.get("ablation")]
@@ -75,7 +75,14 @@ def rows_by_key(results):
               else sorted(layouts.get(r["group"], [(0, False)])))
         for c, ext in ls:
             table.setdefault((r["group"], c, ext), {}).setdefault(r["backend"], []).append(r)
-    return {k: {be: median_run(runs) for be, runs in by.items()} for k, by in table.items()}
+    return table
+
+
+def rows_by_key(results):
+    """runs_by_key(), each measurement made in several rounds represented by
+    median_run()."""
+    return {k: {be: median_run(runs) for be, runs in by.items()}
+            for k, by in runs_by_key(results).items()}
 
 
 # The pairs whose IOPS ratio the targets judge, for paired_markdown().
@@ -87,19 +94,12 @@ def paired_markdown(results, job_order):
     each round (the two ran minutes apart at most) and the median of those,
     which drift between rounds does not move as it moves the ratio of the
     median runs. Empty when no job ran in rounds."""
-    runs = [r for r in results
-            if not r.get("ablation") and r.get("round") and r.get("iops") is not None]
     by = {}  # (group, cluster, ext) -> {round: {backend: iops}}
-    for r in runs:
-        if r["cluster"] is not None:
-            c, ext = layout_of(r)
-            by.setdefault((r["group"], c, ext), {}).setdefault(r["round"], {})[r["backend"]] = \
-                r["iops"]
-    for r in runs:  # raw runs have no cluster size: they go with every layout of the group
-        if r["cluster"] is None:
-            for k in by:
-                if k[0] == r["group"]:
-                    by[k].setdefault(r["round"], {})[r["backend"]] = r["iops"]
+    for k, backends in runs_by_key(results).items():
+        for be, runs in backends.items():
+            for r in runs:
+                if r.get("round") and r.get("iops") is not None:
+                    by.setdefault(k, {}).setdefault(r["round"], {})[be] = r["iops"]
     rows = []
     for k in sorted_keys(by, job_order):
         for a, b in PAIRS:

@@ -226,6 +226,13 @@ def markdown(meta, results, job_order, ablation_order):
                    "from the run with the median IOPS; the measurements table gives the IOPS "
                    "range of the rounds." % ", ".join("`%s`" % j for j in rounded))
         out.append("")
+    pin = meta.get("pinned")
+    if pin is not None:
+        out.append("The raw and kvblk runs of jobs of one group ran with fio pinned to CPU %d "
+                   "(as `perf/engine_ab.sh` runs them); the vhost-user runs, the mixed job and "
+                   "the ablation ran unpinned, so the kvblk/QEMU columns compare a pinned run "
+                   "with an unpinned one." % pin)
+        out.append("")
     out.append("`-cpu` jobs read preallocated but unwritten extents (`preallocation=falloc`): "
                "the kernel returns zeros without touching the device, so they compare the "
                "CPU cost of each stack; the other jobs read data on the device.")

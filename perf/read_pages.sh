@@ -17,13 +17,14 @@
 # memory mapped after the snapshot of /proc/PID/maps, usually the heap).
 # For an external engine it then lists, per function of the engine, the
 # data lines per read that the function was the first to touch in the read
-# and that fio's own code did not touch: where the engine's footprint is.
+# and that fio's own code did not touch: where the engine's footprint is;
+# then the same for data pages, with the mapping each page lies in.
 set -euo pipefail
 
 reads=3000 keep=0
 while getopts "n:kh" o; do
   case $o in
-    n) reads=$OPTARG ;; k) keep=1 ;; h) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    n) reads=$OPTARG ;; k) keep=1 ;; h) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) exit 2 ;;
   esac
 done
@@ -110,15 +111,19 @@ def where(page):
 # first[line]: the function that touched the line first in this window.
 windows, code, data, lines, n, started = [], set(), set(), set(), 0, False
 first, fio_lines, cur = {}, set(), '?'
+firstp, fio_pages = {}, set()  # the same for data pages
 for line in open(log, errors='replace'):
     if line.startswith('SYSCALL'):
         if '(426)' in line:
             if started:
                 owners = collections.Counter(
                     f for l, f in first.items() if l not in fio_lines and f not in fio_names)
-                windows.append((code, data, lines, n, owners))
+                powners = collections.Counter(
+                    (f, where(pg)) for pg, f in firstp.items()
+                    if pg not in fio_pages and f not in fio_names)
+                windows.append((code, data, lines, n, owners, powners))
             started, code, data, lines, n = True, set(), set(), set(), 0
-            first, fio_lines = {}, set()
+            first, fio_lines, firstp, fio_pages = {}, set(), {}, set()
         continue
     if not started or len(line) < 4:
         continue
@@ -136,8 +141,10 @@ for line in open(log, errors='replace'):
         lines.add(addr >> 6)
         if so_base is not None:
             first.setdefault(addr >> 6, cur)
+            firstp.setdefault(addr >> 12, cur)
             if cur in fio_names:
                 fio_lines.add(addr >> 6)
+                fio_pages.add(addr >> 12)
 w = windows[len(windows) // 5:]
 if not w:
     sys.exit('read_pages: no io_uring_enter calls in the trace')
@@ -164,5 +171,13 @@ if so_base is not None:
     for name, c in owners.most_common():
         if c / len(w) >= 0.05:
             print('  %5.2f %s' % (c / len(w), name[:90]))
+    powners = collections.Counter()
+    for x in w:
+        powners.update(x[5])
+    print('data pages per read the engine adds, by the function first touching them '
+          'and the mapping (%.1f in all):' % (sum(powners.values()) / len(w)))
+    for (name, m), c in powners.most_common():
+        if c / len(w) >= 0.05:
+            print('  %5.2f %-70s %s' % (c / len(w), name[:70], m))
 EOF
 [ "$keep" = 1 ] || rm -f "$log"

@@ -44,6 +44,23 @@ Status Status::FromErrno(int err, const std::string& context) {
   return Status(code, context + ": " + std::strerror(err), err);
 }
 
+int Status::ToErrno() const {
+  if (ok()) return 0;
+  if (rep_->sys_errno > 0) return rep_->sys_errno;
+  switch (rep_->code) {
+    case StatusCode::kOk: return 0;
+    case StatusCode::kInvalidArgument:
+    case StatusCode::kCorruption: return EINVAL;
+    case StatusCode::kNotSupported: return ENOTSUP;
+    case StatusCode::kNoSpace: return ENOSPC;
+    case StatusCode::kNotFound: return ENOENT;
+    case StatusCode::kReadOnly: return EROFS;
+    case StatusCode::kBusy: return EBUSY;
+    case StatusCode::kIoError: return EIO;
+  }
+  return EIO;
+}
+
 const std::string& Status::message() const {
   static const std::string kEmpty;
   return rep_ ? rep_->message : kEmpty;

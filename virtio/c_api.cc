@@ -39,37 +39,12 @@ int Fail(int err, std::string message) {
   return -err;
 }
 
-int ErrnoOf(const kvblk::Status& st) {
-  using kvblk::StatusCode;
-  switch (st.code()) {
-    case StatusCode::kOk:
-      return 0;
-    case StatusCode::kInvalidArgument:
-      return EINVAL;
-    case StatusCode::kNotSupported:
-      return ENOTSUP;
-    case StatusCode::kCorruption:
-      return EINVAL;
-    case StatusCode::kIoError:
-      return st.sys_errno() > 0 ? st.sys_errno() : EIO;
-    case StatusCode::kNoSpace:
-      return ENOSPC;
-    case StatusCode::kNotFound:
-      return ENOENT;
-    case StatusCode::kReadOnly:
-      return EROFS;
-    case StatusCode::kBusy:
-      return EBUSY;
-  }
-  return EIO;
-}
-
 int FromStatus(const kvblk::Status& st) {
   if (st.ok()) {
     g_last_error.clear();
     return 0;
   }
-  return Fail(ErrnoOf(st), st.ToString());
+  return Fail(st.ToErrno(), st.ToString());
 }
 
 // Runs `fn` (returning int) and turns any exception into -ENOMEM / -EIO.

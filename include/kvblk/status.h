@@ -59,6 +59,12 @@ class [[nodiscard]] Status {
   StatusCode code() const { return rep_ ? rep_->code : StatusCode::kOk; }
   // The errno behind an I/O failure, or 0.
   int sys_errno() const { return rep_ ? rep_->sys_errno : 0; }
+  // The positive errno to report to a POSIX-style caller (the C API, fio):
+  // 0 for OK; the errno behind the failure when there is one (a permission
+  // failure stays EACCES, though its code is ReadOnly); else by code:
+  // InvalidArgument and Corruption EINVAL, NotSupported ENOTSUP, NoSpace
+  // ENOSPC, NotFound ENOENT, ReadOnly EROFS, Busy EBUSY, IoError EIO.
+  int ToErrno() const;
   const std::string& message() const;
   // "Corruption: <message>" or "OK".
   std::string ToString() const;

@@ -67,7 +67,6 @@ namespace {
 using kvblk::BlockDevice;
 using kvblk::EventLoop;
 using kvblk::Status;
-using kvblk::StatusCode;
 
 // Engine options (td->eo). fio requires that no option lives at offset 0.
 struct EngineOptions {
@@ -110,27 +109,6 @@ fio_option g_options[] = {
                "Check every write against all qcow2 metadata (1, the default) or not (0)", "1"),
     fio_option{},
 };
-
-int ErrnoFor(const Status& st) {
-  switch (st.code()) {
-    case StatusCode::kOk:
-      return 0;
-    case StatusCode::kInvalidArgument:
-      return EINVAL;
-    case StatusCode::kNotSupported:
-      return EOPNOTSUPP;
-    case StatusCode::kNoSpace:
-      return ENOSPC;
-    case StatusCode::kReadOnly:
-      return EROFS;
-    case StatusCode::kNotFound:
-      return ENOENT;
-    case StatusCode::kBusy:
-      return EBUSY;
-    default:
-      return st.sys_errno() > 0 ? st.sys_errno() : EIO;
-  }
-}
 
 constexpr unsigned kMaxIoThreads = 64;
 
@@ -392,7 +370,7 @@ KVBLK_HOT void Finish(Job* job, io_u* u, const Status& st) {
     u->resid = 0;
     return;
   }
-  u->error = ErrnoFor(st);
+  u->error = st.ToErrno();
   u->resid = u->xfer_buflen;
   if (!job->reported_error.exchange(true))
     fprintf(stderr, "fio-kvblk: %s\n", st.ToString().c_str());

@@ -2,6 +2,8 @@
 // a kvblk device only through the C API (kvblk_c.h), writes to a qcow2 image
 // and reads the data back, as a kvmtool-style embedder would.
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -228,6 +230,23 @@ TEST(CApi, OpenReportsMissingFilesAsErrno) {
   EXPECT_EQ(kvblk_open("/nonexistent/kvblk/disk.qcow2", 0, nullptr, &img), -ENOENT);
   EXPECT_STRNE(kvblk_last_error(), "");
   EXPECT_EQ(kvblk_open(nullptr, 0, nullptr, &img), -EINVAL);
+}
+
+// kvblk_c.h promises -EACCES for a file the caller may not open: the errno
+// behind the failure, not the read-only status code it maps to. A sysfs
+// attribute without a store method refuses a writable open with EACCES even
+// for root (who passes every permission bit), so the test can run as root.
+TEST(CApi, OpenReportsPermissionDeniedAsEacces) {
+  const char* kNoStore = "/sys/kernel/uevent_seqnum";
+  const int fd = ::open(kNoStore, O_RDWR);
+  if (fd >= 0) ::close(fd);
+  ASSERT_LT(fd, 0) << kNoStore << " opened for writing; the test needs a file that refuses it";
+  ASSERT_EQ(errno, EACCES) << kNoStore << ": " << std::strerror(errno);
+  kvblk_image* img = nullptr;
+  EXPECT_EQ(kvblk_open(kNoStore, 0, "raw", &img), -EACCES) << kvblk_last_error();
+  EXPECT_EQ(img, nullptr);
+  EXPECT_NE(std::string(kvblk_last_error()).find("ermission denied"), std::string::npos)
+      << kvblk_last_error();
 }
 
 }  // namespace

@@ -19,9 +19,11 @@
  *   kvblk_dev_destroy(dev);  kvblk_close(img);
  *
  * Conventions: functions returning int return 0 (or a documented count) on
- * success and a negative errno on failure (-EINVAL for a bad argument or a
- * guest-side violation, -ENOENT, -EROFS, -ENOSPC, -ENOTSUP, -EBUSY, -EIO,
- * -ENOMEM); kvblk_last_error() then describes the failure. Handles are
+ * success and a negative errno on failure (-EINVAL for a bad argument, a
+ * guest-side violation or a corrupt image, -ENOENT, -EROFS, -ENOSPC,
+ * -ENOTSUP, -EBUSY, -EIO, -ENOMEM; when the host's system call failed, its
+ * own errno, such as -EACCES or -EDQUOT); kvblk_last_error() then describes
+ * the failure. Handles are
  * opaque. Threading: an image and its devices belong to the thread that
  * opened / created them (their I/O runs on that thread's event loop); call
  * every function from that thread, except kvblk_dev_kick(), which may be

@@ -14,6 +14,7 @@
 
 #include "kvblk/image_create.h"
 #include "kvblk/kvblk_c.h"
+#include "tests/support/qemu_util.h"
 #include "tests/support/test_util.h"
 
 namespace {
@@ -230,6 +231,35 @@ TEST(CApi, OpenReportsMissingFilesAsErrno) {
   EXPECT_EQ(kvblk_open("/nonexistent/kvblk/disk.qcow2", 0, nullptr, &img), -ENOENT);
   EXPECT_STRNE(kvblk_last_error(), "");
   EXPECT_EQ(kvblk_open(nullptr, 0, nullptr, &img), -EINVAL);
+}
+
+// kvblk_open's other documented errors: an image feature kvblk does not
+// implement is -ENOTSUP, a corrupt image -EINVAL; each with a description.
+TEST(CApi, OpenReportsUnsupportedAndCorruptImages) {
+  TempDir dir;
+  const std::string path = dir.File("disk.qcow2");
+  kvblk::CreateOptions co;
+  co.format = "qcow2";
+  co.size = 1 << 20;
+  ASSERT_TRUE(kvblk::CreateImage(path, co).ok());
+  const std::vector<uint8_t> good = kvblk::testing::ReadFileBytes(path);
+  ASSERT_GE(good.size(), 512u);
+
+  std::vector<uint8_t> b = good;
+  b[72] |= 0x80;  // incompatible_features bit 63 (big-endian u64 at 72)
+  kvblk::testing::WriteFileBytes(path, b);
+  kvblk_image* img = nullptr;
+  EXPECT_EQ(kvblk_open(path.c_str(), 0, "qcow2", &img), -ENOTSUP) << kvblk_last_error();
+  EXPECT_EQ(img, nullptr);
+  EXPECT_STRNE(kvblk_last_error(), "");
+
+  b = good;
+  b[47] |= 0x01;  // l1_table_offset (u64 at 40) no longer cluster-aligned
+  kvblk::testing::WriteFileBytes(path, b);
+  EXPECT_EQ(kvblk_open(path.c_str(), 0, "qcow2", &img), -EINVAL) << kvblk_last_error();
+  EXPECT_EQ(img, nullptr);
+  EXPECT_NE(std::string(kvblk_last_error()).find("Corruption"), std::string::npos)
+      << kvblk_last_error();
 }
 
 // kvblk_c.h promises -EACCES for a file the caller may not open: the errno

@@ -320,9 +320,9 @@ def pin_plan(wanted):
     perf/engine_ab.sh pins it; None if not wanted or with one CPU.
     Pinned, the two compare one thread on one CPU, which the scheduler does
     not move between rounds. The vhost-user runs stay unpinned: pinning the
-    back end away from fio's CPU was measured to change serve's device-bound
-    reads by half (60k against 89k IOPS) depending on which CPU takes the
-    disk's interrupts, which is this machine's layout, not kvblk's; and the
+    back end away from fio's CPU cut serve's device-bound reads from 87k-89k
+    to 50k-60k IOPS here, where every interrupt of the disk lands on fio's
+    CPU: that measures the machine's interrupt layout more than kvblk; and the
     jobs of several groups stay unpinned, as their threads would share a
     CPU."""
     cpus = sorted(os.sched_getaffinity(0))

@@ -4,7 +4,8 @@
 # one run of bench-quick's device job has swung between 1.3x and 2.6x QEMU.
 #
 #   perf/serve_ab.sh [-r ROUNDS] [-t SECONDS] [-q IODEPTH] [-k pre|falloc]
-#                    [-o "SERVE OPTIONS"] [-e ENGINE] A_KVBLK [B_KVBLK]
+#                    [-o "SERVE OPTIONS"] [-e ENGINE] [-p BACKEND_CPUS:FIO_CPUS]
+#                    A_KVBLK [B_KVBLK]
 #
 # Each round runs QEMU, A, then B: the back end serves a 1 GiB qcow2 image
 # (64 KiB clusters, a covering L2 cache, O_DIRECT) and fio, with
@@ -15,17 +16,26 @@
 # (the device-bound job, the default); `falloc` ones read as zeros without
 # touching the device (CPU-bound). The images are shared with
 # perf/engine_ab.sh under build/perf/ab/. Build the engine with `make perf`;
-# -e runs another build of it (both back ends get the same one).
+# -e runs another build of it (both back ends get the same one). -p pins
+# every back end (taskset) and fio (cpus_allowed) to the CPU lists given,
+# e.g. -p 0:1; unpinned by default.
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
-ROUNDS=6 SECS=3 QD=32 KIND=pre SERVE_OPTS="" ENGINE=$TOP/build/perf/fio-vhost-user.so
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
-while getopts "r:t:q:k:o:e:h" o; do
+ROUNDS=6 SECS=3 QD=32 KIND=pre SERVE_OPTS="" ENGINE=$TOP/build/perf/fio-vhost-user.so PIN=
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+while getopts "r:t:q:k:o:e:p:h" o; do
   case $o in
     r) ROUNDS=$OPTARG ;; t) SECS=$OPTARG ;; q) QD=$OPTARG ;; k) KIND=$OPTARG ;;
-    o) SERVE_OPTS=$OPTARG ;; e) ENGINE=$(realpath "$OPTARG") ;; h) usage 0 ;; *) usage ;;
+    o) SERVE_OPTS=$OPTARG ;; e) ENGINE=$(realpath "$OPTARG") ;; p) PIN=$OPTARG ;;
+    h) usage 0 ;; *) usage ;;
   esac
 done
+BACKEND_PIN=() FIO_PIN=()
+if [ -n "$PIN" ]; then
+  [[ $PIN =~ ^[0-9,-]+:[0-9,-]+$ ]] ||
+    { echo "serve_ab: -p $PIN: expected BACKEND_CPUS:FIO_CPUS, such as 0:1" >&2; exit 2; }
+  BACKEND_PIN=(taskset -c "${PIN%%:*}") FIO_PIN=(--cpus_allowed="${PIN#*:}")
+fi
 shift $((OPTIND - 1))
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 case $KIND in falloc|pre) ;; *) echo "serve_ab: -k $KIND: expected pre or falloc" >&2; exit 2 ;; esac
@@ -47,6 +57,10 @@ if [ ! -f "$QCOW" ]; then
   qemu-img create -q -f qcow2 -o preallocation=$prealloc,cluster_size=64k "$QCOW.tmp" 1G &&
     mv "$QCOW.tmp" "$QCOW"
 fi
+# A block this machine's disk has not read for a while reads several times
+# slower; read the image once, whole, so no back end gets it cold (as
+# perf/engine_ab.sh -k pre does).
+[ "$KIND" = pre ] && dd if="$QCOW" of=/dev/null bs=1M iflag=direct status=none
 SOCK=$(mktemp -u /tmp/serve_ab.XXXXXX.sock)
 LOG=$(mktemp /tmp/serve_ab.XXXXXX.log)
 PID=
@@ -60,14 +74,14 @@ trap cleanup EXIT
 start() {
   rm -f "$SOCK"
   if [ "$1" = qemu ]; then
-    qemu-storage-daemon \
+    "${BACKEND_PIN[@]}" qemu-storage-daemon \
       --blockdev driver=file,node-name=f,filename="$QCOW",aio=io_uring,cache.direct=on \
       --blockdev driver=qcow2,node-name=q,file=f,cache.direct=on,l2-cache-size=1048576 \
       --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path="$SOCK",writable=on,num-queues=1 \
       >"$LOG" 2>&1 &
   else
     # shellcheck disable=SC2086  # SERVE_OPTS is a list of options
-    "$1" serve --socket="$SOCK" --cache=none -f qcow2 $SERVE_OPTS "$QCOW" >"$LOG" 2>&1 &
+    "${BACKEND_PIN[@]}" "$1" serve --socket="$SOCK" --cache=none -f qcow2 $SERVE_OPTS "$QCOW" >"$LOG" 2>&1 &
   fi
   PID=$!
   for _ in $(seq 200); do
@@ -93,7 +107,7 @@ one() {
   local t0 t1 iops
   t0=$(ticks)
   iops=$(fio --name=ab --ioengine=external:"$ENGINE" --filename="$SOCK" --rw=randread --bs=4k \
-    --iodepth="$QD" --direct=1 --time_based --runtime="$SECS" --thread \
+    --iodepth="$QD" --direct=1 --time_based --runtime="$SECS" --thread "${FIO_PIN[@]}" \
     --output-format=terse --terse-version=3 | awk -F';' '{ print $8 }')
   t1=$(ticks)
   stop

@@ -23,11 +23,11 @@
  * guest-side violation or a corrupt image, -ENOENT, -EROFS, -ENOSPC,
  * -ENOTSUP, -EBUSY, -EIO, -ENOMEM; when the host's system call failed, its
  * own errno, such as -EACCES or -EDQUOT); kvblk_last_error() then describes
- * the failure. Handles are
- * opaque. Threading: an image and its devices belong to the thread that
- * opened / created them (their I/O runs on that thread's event loop); call
- * every function from that thread, except kvblk_dev_kick(), which may be
- * called from any thread (a vCPU thread handling a notification).
+ * the failure. Handles are opaque. Threading: an image and its devices
+ * belong to the thread that opened / created them (their I/O runs on that
+ * thread's event loop); call every function from that thread, except
+ * kvblk_dev_kick(), which may be called from any thread (a vCPU thread
+ * handling a notification).
  */
 #ifndef KVBLK_KVBLK_C_H_
 #define KVBLK_KVBLK_C_H_

@@ -115,6 +115,10 @@ def log(msg):
     print(msg, flush=True)
 
 
+def gib(n):
+    return "%.1f GiB" % (n / GiB)
+
+
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
@@ -140,6 +144,7 @@ class Images:
         os.makedirs(root, exist_ok=True)
         os.makedirs(self.trash, exist_ok=True)
         self.warmed = {}  # path -> time.monotonic() of its last warm()
+        self.fresh = set()  # fresh images made by this run (made anew each time)
 
     # This machine's virtual disk reads a block it has not read for a while
     # several times slower (the host caches it): an image made or last read
@@ -163,6 +168,14 @@ class Images:
         os.rename(path, os.path.join(self.trash, "%d.%d.%s" % (
             os.getpid(), time.monotonic_ns(), os.path.basename(path))))
 
+    def discard_fresh(self):
+        """Moves this run's fresh images to the trash: the next run makes
+        them anew anyway, and together they hold up to 4 GiB per layout."""
+        for path in sorted(self.fresh):
+            if os.path.exists(path):
+                self._discard(path)
+        self.fresh.clear()
+
     def empty_trash(self):
         """Deletes discarded images in the background, at idle I/O priority
         (a detached process: bench.py does not wait for it)."""
@@ -172,20 +185,56 @@ class Images:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
 
-    def drain_trash(self):
-        """Deletes what an earlier run discarded, and waits for it: the
-        deletion empty_trash() leaves running in the background keeps the
-        kernel busy for minutes (discards), which would fall on this run's
-        measurements."""
+    def drain_trash(self, why="an earlier run discarded"):
+        """Deletes what was discarded, and waits for it: the deletion
+        empty_trash() leaves running in the background keeps the kernel busy
+        for minutes (discards), which would fall on the measurements."""
         names = os.listdir(self.trash)
         if names:
-            log("deleting %d image(s) an earlier run discarded, before measuring" % len(names))
+            log("deleting %d image(s) %s, before measuring" % (len(names), why))
             for name in names:
                 try:
                     os.unlink(os.path.join(self.trash, name))
                 except FileNotFoundError:  # the earlier run's rm got there first
                     pass
         os.sync()  # and the journal commits that carry the discards
+
+    # Free space kept beyond what an image may need, for logs and results.
+    SPACE_RESERVE = 1 * GiB
+    # What a job may write into a sparse image (big, abl-*) beyond what its
+    # creation allocates: a 20 s job writes a few GiB at most.
+    SPARSE_GROWTH = 4 * GiB
+
+    def free_space(self):
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    @classmethod
+    def space_needed(cls, size, prealloc, fresh):
+        """Bytes an image of `size` may come to occupy: a fresh (empty) or
+        preallocated one its whole size, plus metadata (a 2 MiB-cluster qcow2
+        filled by 4 KiB writes takes about 0.3 % more); a sparse one what a
+        job writes into it."""
+        if fresh or prealloc in ("full", "falloc"):
+            return size + size // 64
+        return min(size, cls.SPARSE_GROWTH)
+
+    def ensure_space(self, need, path):
+        """Makes sure `need` bytes and the reserve are free before `path` is
+        created. A run discards a fresh image for every backend and layout
+        of each allocation job, up to 4.3 GiB each, some 70 GiB in a full
+        run: when space runs short the trash is deleted first, and waited
+        for, between two measurements. Exits with what is missing when that
+        is not enough."""
+        if self.free_space() >= need + self.SPACE_RESERVE:
+            return
+        self.drain_trash("discarded earlier in this run, to make room")
+        free = self.free_space()
+        if free < need + self.SPACE_RESERVE:
+            sys.exit("bench: %s may take %s and %s more are kept free, but %s has only %s "
+                     "free: make room there, or run fewer jobs (--jobs, --extended-l2 off)" %
+                     (os.path.basename(path), gib(need), gib(self.SPACE_RESERVE),
+                      self.root, gib(free)))
 
     def _create(self, path, fmt, size, cluster=None, prealloc="off", fresh=False, ext=False):
         spec = {"fmt": fmt, "size": size, "cluster": cluster, "prealloc": prealloc}
@@ -200,6 +249,7 @@ class Images:
             os.unlink(stamp)
         if os.path.exists(path):
             self._discard(path)
+        self.ensure_space(self.space_needed(size, prealloc, fresh), path)
         opts = []
         if fmt == "qcow2":
             opts.append("cluster_size=%d" % cluster)
@@ -212,7 +262,9 @@ class Images:
             cmd += ["-o", ",".join(opts)]
         run(cmd + [path, str(size)])
         self.warmed.pop(path, None)
-        if not fresh:
+        if fresh:
+            self.fresh.add(path)
+        else:
             with open(stamp, "w") as f:
                 json.dump(spec, f)
         return path
@@ -673,6 +725,7 @@ def main():
     try:
         bench.run()
     finally:
+        bench.images.discard_fresh()
         bench.images.empty_trash()
     meta["duration_s"] = round(time.time() - t0, 1)
 

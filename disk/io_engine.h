@@ -55,6 +55,11 @@ class IoEngine {
   virtual void Wake() = 0;
   // Number of submitted operations not yet completed.
   virtual int inflight() const = 0;
+  // Passes of Reap() that found completions the kernel had to keep outside
+  // its completion ring (io_uring's CQ overflow). The io_uring engine keeps
+  // it at zero by holding back what the ring has no room for; the count is
+  // there to show that it does.
+  virtual uint64_t completion_overflows() const { return 0; }
   virtual const char* name() const = 0;
   // Whether a read of a pollable descriptor with nothing to read (an empty
   // eventfd) waits inside the engine, holding no thread, until data comes:

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 
 #include "disk/io_engine.h"
 #include "disk/hot.h"
@@ -30,36 +31,40 @@ class UringEngine final : public IoEngine {
     int r = io_uring_queue_init(entries, &ring_, 0);
     if (r < 0) return r;
     ring_ok_ = true;
+    // One completion slot is the wake read's; see Submit().
+    limit_ = ring_.cq.ring_entries - 1;
     wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) return -errno;
     ArmWake();
     return 0;
   }
 
+  // An operation goes to the kernel only while the completion ring has a
+  // slot for it: the kernel then never holds completions outside the ring
+  // (an overflow: the kernel keeps those in memory it allocates
+  // atomically and drops a completion when that allocation fails, and older
+  // kernels refuse submissions with EBUSY while it lasts, on which
+  // GetSqe() would spin). The rest wait in backlog_, in order, and go to
+  // the kernel from Reap() as slots free up. An operation that stays
+  // pending (a read of a watched eventfd) holds its slot meanwhile; a loop
+  // watches a few, against 511 slots.
   KVBLK_HOT void Submit(IoOp* op) override {
-    io_uring_sqe* sqe = GetSqe();
-    // A one-buffer read, the common case, is prepared here as
-    // IORING_OP_READ (no iovec array for the kernel to copy and check):
-    // the switch in Prepare() compiles to a jump table, one more page for
-    // a read to touch (see disk/hot.h).
-    if (op->kind == IoOp::Kind::kReadv && op->iovcnt == 1 &&
-        op->iov[0].iov_len <= kMaxOneBuffer) {
-      io_uring_prep_read(sqe, op->fd, op->iov[0].iov_base,
-                         static_cast<unsigned>(op->iov[0].iov_len), op->offset);
-    } else {
-      Prepare(sqe, op);
-    }
-    io_uring_sqe_set_data(sqe, op);
     ++inflight_;
+    if (in_kernel_ >= limit_) {
+      backlog_.push_back(op);
+      return;
+    }
+    Place(op);
   }
 
   KVBLK_HOT int Reap(bool wait) override {
+    if (inflight_ != static_cast<int>(in_kernel_)) PlaceBacklog();  // a backlog
     // Enter the kernel only with something to submit, or when completions
-    // overflowed the ring (the submission then flushes them into it).
-    if (io_uring_sq_ready(&ring_) > 0 ||
-        (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0) {
-      Enter();
-    }
+    // overflowed the ring (the submission then flushes them into it; never
+    // expected, see Submit(), but counted).
+    const bool overflow = (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0;
+    if (overflow) ++overflows_;
+    if (io_uring_sq_ready(&ring_) > 0 || overflow) Enter();
     if (wait) {
       io_uring_cqe* cqe = nullptr;
       int r;
@@ -90,6 +95,7 @@ class UringEngine final : public IoEngine {
       }
       auto* op = reinterpret_cast<IoOp*>(tag);
       op->result = res;
+      --in_kernel_;
       --inflight_;
       ++done;
       op->Complete();
@@ -104,10 +110,39 @@ class UringEngine final : public IoEngine {
   }
 
   int inflight() const override { return inflight_; }
+  uint64_t completion_overflows() const override { return overflows_; }
   const char* name() const override { return "io_uring"; }
   bool polls_descriptors() const override { return true; }
 
  private:
+  // Prepares `op` in a submission entry (submitted by the next Enter()).
+  KVBLK_HOT void Place(IoOp* op) {
+    io_uring_sqe* sqe = GetSqe();
+    // A one-buffer read, the common case, is prepared here as
+    // IORING_OP_READ (no iovec array for the kernel to copy and check):
+    // the switch in Prepare() compiles to a jump table, one more page for
+    // a read to touch (see disk/hot.h).
+    if (op->kind == IoOp::Kind::kReadv && op->iovcnt == 1 &&
+        op->iov[0].iov_len <= kMaxOneBuffer) {
+      io_uring_prep_read(sqe, op->fd, op->iov[0].iov_base,
+                         static_cast<unsigned>(op->iov[0].iov_len), op->offset);
+    } else {
+      Prepare(sqe, op);
+    }
+    io_uring_sqe_set_data(sqe, op);
+    ++in_kernel_;
+  }
+
+  // Moves what the completion ring now has slots for from the backlog to
+  // the submission queue, oldest first.
+  void PlaceBacklog() {
+    while (!backlog_.empty() && in_kernel_ < limit_) {
+      IoOp* op = backlog_.front();
+      backlog_.pop_front();
+      Place(op);
+    }
+  }
+
   static void Prepare(io_uring_sqe* sqe, const IoOp* op) {
     switch (op->kind) {
       case IoOp::Kind::kReadv:  // (Submit prepares one buffer up to 4 GiB itself)
@@ -135,6 +170,9 @@ class UringEngine final : public IoEngine {
     }
   }
 
+  // A full submission queue is entered to make room. That cannot spin:
+  // with no completion overflow (see Submit()) no kernel refuses it for
+  // completion space.
   io_uring_sqe* GetSqe() {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     while (sqe == nullptr) {
@@ -168,7 +206,11 @@ class UringEngine final : public IoEngine {
   bool ring_ok_ = false;
   int wake_fd_ = -1;
   uint64_t wake_buf_ = 0;
-  int inflight_ = 0;
+  unsigned limit_ = 0;      // operations the kernel may hold (see Submit())
+  unsigned in_kernel_ = 0;  // operations prepared and not yet reaped
+  int inflight_ = 0;        // those plus the backlog's
+  uint64_t overflows_ = 0;  // Reap() passes that saw the ring overflowed
+  std::deque<IoOp*> backlog_;
 };
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "kvblk/block_device.h"
 #include "kvblk/event_loop.h"
+#include "kvblk/image_create.h"
 #include "kvblk/virtio_blk.h"
 #include "tools/cli_util.h"
 #include "tools/commands.h"
@@ -27,6 +28,8 @@ namespace {
 constexpr const char* kCmd = "serve";
 constexpr int kMaxQueues = 256;
 constexpr int kMaxIothreads = 64;
+// The largest L2 cache --l2-cache-size takes (tables are allocated as used).
+constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
 // QEMU's largest virtqueue (VIRTQUEUE_MAX_SIZE); its default is 128.
 constexpr uint16_t kMaxQueueSize = 1024;
 
@@ -56,6 +59,9 @@ std::vector<OptionSpec> ServeSpecs() {
       {0, "iothreads", "N",
        "I/O threads serving the queues, 1..64 (default 1); queue i runs on thread i mod N"},
       {0, "cache", "MODE", "writeback (default: host page cache) or none (O_DIRECT)"},
+      {0, "l2-cache-size", "SIZE",
+       "qcow2 L2 table cache, k/M/G suffixes, up to 64G; whole tables, at least 2 "
+       "(default: enough for the whole disk, up to 32M)"},
       {0, "serial", "S", "GET_ID serial, <= 20 printable ASCII (default: from the image path)"},
       {0, "once", "", "exit after the first front end disconnects"},
       {0, "control", "PATH", "Unix socket for live commands (snapshots, resize, info, flush)"},
@@ -68,8 +74,8 @@ std::vector<OptionSpec> ServeSpecs() {
 void PrintHelp() {
   std::printf(
       "usage: kvblk serve [-f FMT] [--read-only] [--num-queues N] [--iothreads N]\n"
-      "                   [--cache none|writeback] [--serial S] [--once] [--control PATH]\n"
-      "                   [--control-idle-timeout S]\n"
+      "                   [--cache none|writeback] [--l2-cache-size SIZE] [--serial S]\n"
+      "                   [--once] [--control PATH] [--control-idle-timeout S]\n"
       "                   --socket PATH IMAGE\n"
       "\n"
       "Serves IMAGE as a vhost-user-blk device on the Unix socket PATH, one front end at a\n"
@@ -137,6 +143,16 @@ int RunServe(const std::vector<std::string>& args) {
     open_opts.direct = true;
   } else if (cache != "writeback") {
     return Fail(kCmd, "unknown cache mode '" + cache + "' (expected none or writeback)");
+  }
+
+  if (a.Has("l2-cache-size")) {
+    const std::string& text = a.Get("l2-cache-size");
+    Result<uint64_t> n = ParseSize(text);
+    if (!n.ok() || *n > kMaxL2CacheBytes) {
+      return Fail(kCmd, "invalid --l2-cache-size '" + text +
+                            "' (bytes with an optional k, M or G suffix, up to 64G)");
+    }
+    open_opts.l2_cache_bytes = *n;  // 0: the default
   }
 
   VhostUserServerOptions so;

@@ -154,6 +154,8 @@ std::string InfoJson(const ImageInfo& info, uint64_t size) {
   if (info.cluster_size != 0) {
     json.Key("cluster-size");
     json.Uint(info.cluster_size);
+    json.Key("l2-cache-size");
+    json.Uint(info.l2_cache_bytes);
   }
   json.Key("snapshots");
   json.Uint(info.snapshots.size());

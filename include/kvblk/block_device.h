@@ -76,6 +76,9 @@ struct ImageInfo {
   bool extended_l2 = false;
   std::string compression_type;  // "zlib" or "zstd"
   std::vector<SnapshotInfo> snapshots;
+  // qcow2: what the L2 table cache holds, in bytes (whole tables; see
+  // OpenOptions::l2_cache_bytes). 0 for raw.
+  uint64_t l2_cache_bytes = 0;
 };
 
 // A read in callback form: BlockDevice::StartRead. The caller fills in the

@@ -206,5 +206,35 @@ else
   fail "serve refuses --control-idle-timeout 0 with a message naming the option"
 fi
 
+# --l2-cache-size: info reports the L2 cache serve opened the image with. An
+# 8 GiB disk with 64 KiB clusters has 16 L2 tables of 64 KiB: by default the
+# cache covers them all (1 MiB); 200k holds three whole tables (192 KiB).
+BIG=$T/big.qcow2
+qemu-img create -q -f qcow2 "$BIG" 8G
+l2_info() {  # l2_info DESC WANT [serve options]: starts serve, asks info, stops it
+  local desc=$1 want=$2
+  shift 2
+  setsid "$KVBLK" serve --socket "$T/v4.sock" --control "$T/c4.sock" "$@" "$BIG" \
+    >"$T/serve4.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  if wait_for 20 test -S "$T/c4.sock"; then
+    timeout 60 python3 "$T/ctl.py" "$T/c4.sock" info >"$T/.evidence" 2>&1
+  else
+    cp "$T/serve4.log" "$T/.evidence"
+  fi
+  if grep -qE "^ok \{.*\"l2-cache-size\": ?$want[,}]" "$T/.evidence"; then
+    pass "$desc"
+  else
+    fail "$desc"
+  fi
+  kill -TERM "$pid"
+  wait_for 30 sh -c "! kill -0 $pid" && wait "$pid" 2>/dev/null
+}
+l2_info "by default the L2 cache covers the whole disk (info: 1 MiB)" 1048576
+l2_info "--l2-cache-size 200k gives three whole tables (info: 192 KiB)" 196608 \
+  --l2-cache-size 200k
+l2_info "--l2-cache-size 0 is the default" 1048576 --l2-cache-size 0
+
 echo "# $checks checks, $failures failed"
 [ "$failures" -eq 0 ]

@@ -166,7 +166,8 @@ qemu-img create -q -f qcow2 disk.qcow2 64M
 rc=$?
 : >"$T/.evidence"
 missing=""
-for opt in --socket --format --read-only --num-queues --iothreads --cache --serial --once --help; do
+for opt in --socket --format --read-only --num-queues --iothreads --cache --l2-cache-size --serial \
+  --once --help; do
   grep -q -- "$opt" help.txt || missing="$missing $opt"
 done
 cp help.txt "$T/.evidence"
@@ -187,6 +188,12 @@ fails_with "--num-queues 0 is refused" "num-queues" "$KVBLK" serve --num-queues 
 fails_with "--num-queues 257 is refused" "num-queues" "$KVBLK" serve --num-queues 257 --socket s disk.qcow2
 fails_with "--num-queues abc is refused" "num-queues" "$KVBLK" serve --num-queues abc --socket s disk.qcow2
 fails_with "--iothreads 0 is refused" "iothreads" "$KVBLK" serve --iothreads 0 --socket s disk.qcow2
+fails_with "--l2-cache-size abc is refused" "invalid --l2-cache-size 'abc'" \
+  "$KVBLK" serve --l2-cache-size abc --socket s disk.qcow2
+fails_with "--l2-cache-size above 64G is refused" "up to 64G" \
+  "$KVBLK" serve --l2-cache-size 65G --socket s disk.qcow2
+fails_with "a negative --l2-cache-size is refused" "invalid --l2-cache-size '-1M'" \
+  "$KVBLK" serve --l2-cache-size -1M --socket s disk.qcow2
 fails_with "an unknown cache mode is refused" "cache mode 'sometimes'" \
   "$KVBLK" serve --cache sometimes --socket s disk.qcow2
 fails_with "an unknown format is refused" "vmdk" "$KVBLK" serve -f vmdk --socket s disk.qcow2

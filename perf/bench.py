@@ -436,6 +436,15 @@ def group_metrics(j):
     }
 
 
+def layout_fields(backend, cluster, ext):
+    """A result's layout: its cluster size and extended L2 (none for raw),
+    and for a raw run the layout whose runs it was measured beside, the one
+    bench_report pairs it with."""
+    raw = backend == "raw"
+    return {"cluster": None if raw else cluster, "extended_l2": not raw and ext,
+            "pair_cluster": cluster if raw else None, "pair_extended_l2": raw and ext}
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -507,8 +516,8 @@ class Bench:
                 round_no=0):
         """One fio run of `job` on `backend`. l2_tables: every group's L2
         cache in tables (0 = covering) instead of the job's own sizes."""
-        tag = "%s.%s.%s" % (job["name"], backend,
-                            "raw" if backend == "raw" else layout_name(cluster, ext))
+        # (A raw run is named after the layout it is measured beside.)
+        tag = "%s.%s.%s" % (job["name"], backend, layout_name(cluster, ext))
         if ablation:
             tag += "." + ablation
         if round_no:
@@ -573,8 +582,7 @@ class Bench:
         by_name = {j["jobname"]: j for j in data["jobs"]}
         for i, g in enumerate(groups):
             res = {"job": job["name"], "group": g["name"], "backend": backend,
-                   "cluster": None if backend == "raw" else cluster,
-                   "extended_l2": backend != "raw" and ext,
+                   **layout_fields(backend, cluster, ext),
                    "rw": g["rw"], "bs": g["bs"], "iodepth": g["iodepth"],
                    "l2_cache": (None if backend == "raw" or
                                 (backend == "serve" and not self.serve_l2) else g["l2"]),
@@ -615,14 +623,12 @@ class Bench:
         for job in jobs:
             n = self.rounds(job)
             for rnd in range(n):
-                raw_done = False
                 order = self.backends if rnd % 2 == 0 else list(reversed(self.backends))
+                # raw runs once per layout, beside that layout's runs, so
+                # that a kvblk/raw ratio compares runs made side by side
+                # (see docs/bench.md, "Rounds").
                 for cluster, ext in self.layouts(job):
                     for backend in order:
-                        if backend == "raw":
-                            if raw_done:
-                                continue
-                            raw_done = True
                         log("%s  cluster=%s  backend=%s%s" %
                             (job["name"], layout_name(cluster, ext), backend,
                              "  round %d/%d" % (rnd + 1, n) if n > 1 else ""))

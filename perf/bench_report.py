@@ -62,8 +62,9 @@ def median_run(runs):
 
 def runs_by_key(results):
     """{(group, cluster, ext): {backend: [result, ...]}} of the matrix (not
-    the ablation), raw runs copied to every layout of their group: every
-    round of each measurement."""
+    the ablation): every round of each measurement. A raw run goes to the
+    layout it was measured beside (pair_cluster); in results from before
+    raw ran per layout, to every layout of its group."""
     table = {}
     layouts = {}
     results = [r for r in results if not r.get("ablation")]
@@ -71,8 +72,12 @@ def runs_by_key(results):
         if r["cluster"] is not None:
             layouts.setdefault(r["group"], set()).add(layout_of(r))
     for r in results:
-        ls = ([layout_of(r)] if r["cluster"] is not None
-              else sorted(layouts.get(r["group"], [(0, False)])))
+        if r["cluster"] is not None:
+            ls = [layout_of(r)]
+        elif r.get("pair_cluster") is not None:
+            ls = [(r["pair_cluster"], bool(r.get("pair_extended_l2")))]
+        else:
+            ls = sorted(layouts.get(r["group"], [(0, False)]))
         for c, ext in ls:
             table.setdefault((r["group"], c, ext), {}).setdefault(r["backend"], []).append(r)
     return table

@@ -21,19 +21,12 @@ import sys
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(TOP, "perf"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
+import checks  # noqa: E402
+from checks import verdict  # noqa: E402
 import bench_report  # noqa: E402
 
-failures = 0
-
-
-def verdict(desc, good, evidence=""):
-    global failures
-    print(("ok - " if good else "not ok - ") + desc)
-    if not good:
-        failures += 1
-        for line in str(evidence).splitlines()[:20]:
-            print("#   " + line)
 
 
 def simulated_bench(rounds):
@@ -111,7 +104,7 @@ def main():
             len(old_table) == 4 and all(v.get("raw") == [first_raw] for v in old_table.values()),
             old_table.keys())
 
-    sys.exit(1 if failures else 0)
+    sys.exit(1 if checks.failures else 0)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,12 @@ import sys
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(TOP, "perf"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
+import checks  # noqa: E402
+from checks import verdict  # noqa: E402
 
 GiB = bench.GiB
-failures = 0
-
-
-def verdict(desc, good, evidence=""):
-    global failures
-    print(("ok - " if good else "not ok - ") + desc)
-    if not good:
-        failures += 1
-        for line in str(evidence).splitlines()[:20]:
-            print("#   " + line)
 
 
 def quiet(fn, *args):
@@ -105,7 +98,7 @@ def main():
             os.listdir(images.trash) == [], os.listdir(images.trash))
     verdict("and no image was created",
             not os.path.exists(os.path.join(images.root, "empty-2M.qcow2")))
-    return 1 if failures else 0
+    return 1 if checks.failures else 0
 
 
 if __name__ == "__main__":

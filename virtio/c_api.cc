@@ -59,6 +59,23 @@ int Guard(F&& fn) {
   }
 }
 
+// The largest L2 cache kvblk_open_with takes (tables are allocated as used).
+constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
+
+// Opens `path` with `o` into a new handle in *out. Inside Guard().
+int Open(const char* path, const kvblk::OpenOptions& o, kvblk_image** out) {
+  auto disk = kvblk::OpenImage(path, o);
+  if (!disk.ok()) return FromStatus(disk.status());
+  auto img = std::make_unique<kvblk_image>();
+  img->disk = std::move(*disk);
+  char* real = realpath(path, nullptr);
+  img->path = real != nullptr ? real : path;
+  free(real);
+  *out = img.release();
+  g_last_error.clear();
+  return 0;
+}
+
 int InFlight(const kvblk_dev* dev) {
   size_t n = dev->device->in_flight();
   return n > INT_MAX ? INT_MAX : static_cast<int>(n);
@@ -76,17 +93,36 @@ int kvblk_open(const char* path, int read_only, const char* format, kvblk_image*
     kvblk::OpenOptions o;
     o.read_only = read_only != 0;
     if (format != nullptr) o.format = format;
-    auto disk = kvblk::OpenImage(path, o);
-    if (!disk.ok()) return FromStatus(disk.status());
-    auto img = std::make_unique<kvblk_image>();
-    img->disk = std::move(*disk);
-    char* real = realpath(path, nullptr);
-    img->path = real != nullptr ? real : path;
-    free(real);
-    *out = img.release();
-    g_last_error.clear();
-    return 0;
+    return Open(path, o, out);
   });
+}
+
+int kvblk_open_with(const char* path, const kvblk_open_options* options, kvblk_image** out) {
+  if (path == nullptr || options == nullptr || out == nullptr)
+    return Fail(EINVAL, "kvblk_open_with: NULL argument");
+  if (options->size != sizeof(kvblk_open_options)) {
+    return Fail(EINVAL, "kvblk_open_with: options->size is " + std::to_string(options->size) +
+                            ", not sizeof(struct kvblk_open_options) (" +
+                            std::to_string(sizeof(kvblk_open_options)) + ")");
+  }
+  if (options->l2_cache_bytes > kMaxL2CacheBytes) {
+    return Fail(EINVAL, "kvblk_open_with: l2_cache_bytes " +
+                            std::to_string(options->l2_cache_bytes) + " is over 64 GiB");
+  }
+  return Guard([&] {
+    kvblk::OpenOptions o;
+    o.read_only = options->read_only != 0;
+    if (options->format != nullptr) o.format = options->format;
+    o.direct = options->direct != 0;
+    o.l2_cache_bytes = options->l2_cache_bytes;
+    return Open(path, o, out);
+  });
+}
+
+uint64_t kvblk_image_l2_cache_size(const kvblk_image* image) {
+  if (image == nullptr) return 0;
+  kvblk::Result<kvblk::ImageInfo> info = image->disk->Info();
+  return info.ok() ? info->l2_cache_bytes : 0;
 }
 
 uint64_t kvblk_image_size(const kvblk_image* image) {

@@ -71,8 +71,32 @@ const char *kvblk_last_error(void);
  * -ENOTSUP (unsupported image feature), -EIO. */
 int kvblk_open(const char *path, int read_only, const char *format, kvblk_image **out);
 
+/* What kvblk_open_with takes. Zero it, set `size` to
+ * sizeof(struct kvblk_open_options), then the fields you need. Fields added
+ * later go at the end, and a later kvblk still accepts the sizes of earlier
+ * versions of the struct. */
+struct kvblk_open_options {
+  uint32_t size;           /* sizeof(struct kvblk_open_options) */
+  int read_only;           /* as kvblk_open's `read_only` */
+  const char *format;      /* "raw", "qcow2" or NULL to probe */
+  int direct;              /* nonzero: O_DIRECT, bypassing the host page cache
+                            * (QEMU's cache=none); 0: through it */
+  uint64_t l2_cache_bytes; /* qcow2 L2 table cache, rounded down to whole
+                            * tables, at least 2, at most 64 GiB; 0: enough
+                            * for the whole disk, up to 32 MiB */
+};
+
+/* kvblk_open with options. -EINVAL for a NULL argument, a `size` that is not
+ * the size of a known version of the struct, or an L2 cache over 64 GiB;
+ * otherwise as kvblk_open. */
+int kvblk_open_with(const char *path, const struct kvblk_open_options *options, kvblk_image **out);
+
 /* The image's virtual size in bytes. */
 uint64_t kvblk_image_size(const kvblk_image *image);
+
+/* What the image's L2 table cache holds, in bytes (whole tables); 0 for a
+ * raw image. */
+uint64_t kvblk_image_l2_cache_size(const kvblk_image *image);
 
 /* Flushes and closes the image and frees the handle. -EBUSY (and nothing is
  * done) while a device created on it still exists. On any other error the

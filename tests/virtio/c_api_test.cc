@@ -108,13 +108,18 @@ void CountIrq(void* opaque, int queue) {
   if (queue == 0) ++*static_cast<int*>(opaque);
 }
 
+// Makes an empty qcow2 image of `size` bytes (64 KiB clusters) at `path`.
+bool CreateQcow2(const std::string& path, uint64_t size) {
+  kvblk::CreateOptions co;
+  co.format = "qcow2";
+  co.size = size;
+  return kvblk::CreateImage(path, co).ok();
+}
+
 TEST(CApi, VmmWritesAndReadsBackThroughAQcow2Image) {
   TempDir dir;
   std::string path = dir.File("vm.qcow2");
-  kvblk::CreateOptions co;
-  co.format = "qcow2";
-  co.size = 4 << 20;
-  ASSERT_TRUE(kvblk::CreateImage(path, co).ok());
+  ASSERT_TRUE(CreateQcow2(path, 4 << 20));
 
   kvblk_image* img = nullptr;
   ASSERT_EQ(kvblk_open(path.c_str(), 0, nullptr, &img), 0) << kvblk_last_error();
@@ -252,10 +257,7 @@ bool FdIsDirect(int fd) {
 TEST(CApi, OpenWithOptionsSetsDirectIoAndTheL2Cache) {
   TempDir dir;
   std::string path = dir.File("big.qcow2");
-  kvblk::CreateOptions co;
-  co.format = "qcow2";
-  co.size = uint64_t{8} << 30;  // 16 L2 tables of 64 KiB
-  ASSERT_TRUE(kvblk::CreateImage(path, co).ok());
+  ASSERT_TRUE(CreateQcow2(path, uint64_t{8} << 30));  // 16 L2 tables of 64 KiB
   char* real = realpath(path.c_str(), nullptr);
   ASSERT_NE(real, nullptr);
   const std::string canonical = real;
@@ -311,10 +313,7 @@ TEST(CApi, OpenWithOptionsSetsDirectIoAndTheL2Cache) {
 TEST(CApi, OpenWithRefusesBadOptions) {
   TempDir dir;
   std::string path = dir.File("d.qcow2");
-  kvblk::CreateOptions co;
-  co.format = "qcow2";
-  co.size = 1 << 20;
-  ASSERT_TRUE(kvblk::CreateImage(path, co).ok());
+  ASSERT_TRUE(CreateQcow2(path, 1 << 20));
   kvblk_image* img = nullptr;
   kvblk_open_options o;
   std::memset(&o, 0, sizeof(o));
@@ -351,10 +350,7 @@ TEST(CApi, OpenReportsMissingFilesAsErrno) {
 TEST(CApi, OpenReportsUnsupportedAndCorruptImages) {
   TempDir dir;
   const std::string path = dir.File("disk.qcow2");
-  kvblk::CreateOptions co;
-  co.format = "qcow2";
-  co.size = 1 << 20;
-  ASSERT_TRUE(kvblk::CreateImage(path, co).ok());
+  ASSERT_TRUE(CreateQcow2(path, 1 << 20));
   const std::vector<uint8_t> good = kvblk::testing::ReadFileBytes(path);
   ASSERT_GE(good.size(), 512u);
 

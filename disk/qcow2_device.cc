@@ -622,7 +622,7 @@ Result<ImageInfo> Qcow2Device::Info() {
   info.extended_l2 = header_.extended_l2();
   info.compression_type = header_.compression_type == kCompressionZstd ? "zstd" : "zlib";
   for (const auto& s : snapshots_) info.snapshots.push_back(s.info);
-  info.l2_cache_bytes = l2_cache_->capacity() * cluster_size_;
+  info.l2_cache_bytes = l2_cache_bytes();
   return info;
 }
 

@@ -108,6 +108,7 @@ class Qcow2Device final : public BlockDevice {
   }
   Capabilities capabilities() const override;
   Result<ImageInfo> Info() override;
+  uint64_t l2_cache_bytes() const override { return l2_cache_->capacity() * cluster_size_; }
 
   using BlockDevice::Read;
   using BlockDevice::Write;

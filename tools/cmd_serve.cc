@@ -28,8 +28,6 @@ namespace {
 constexpr const char* kCmd = "serve";
 constexpr int kMaxQueues = 256;
 constexpr int kMaxIothreads = 64;
-// The largest L2 cache --l2-cache-size takes (tables are allocated as used).
-constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
 // QEMU's largest virtqueue (VIRTQUEUE_MAX_SIZE); its default is 128.
 constexpr uint16_t kMaxQueueSize = 1024;
 

@@ -59,9 +59,6 @@ int Guard(F&& fn) {
   }
 }
 
-// The largest L2 cache kvblk_open_with takes (tables are allocated as used).
-constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
-
 // Opens `path` with `o` into a new handle in *out. Inside Guard().
 int Open(const char* path, const kvblk::OpenOptions& o, kvblk_image** out) {
   auto disk = kvblk::OpenImage(path, o);
@@ -105,7 +102,7 @@ int kvblk_open_with(const char* path, const kvblk_open_options* options, kvblk_i
                             ", not sizeof(struct kvblk_open_options) (" +
                             std::to_string(sizeof(kvblk_open_options)) + ")");
   }
-  if (options->l2_cache_bytes > kMaxL2CacheBytes) {
+  if (options->l2_cache_bytes > kvblk::kMaxL2CacheBytes) {
     return Fail(EINVAL, "kvblk_open_with: l2_cache_bytes " +
                             std::to_string(options->l2_cache_bytes) + " is over 64 GiB");
   }
@@ -120,9 +117,7 @@ int kvblk_open_with(const char* path, const kvblk_open_options* options, kvblk_i
 }
 
 uint64_t kvblk_image_l2_cache_size(const kvblk_image* image) {
-  if (image == nullptr) return 0;
-  kvblk::Result<kvblk::ImageInfo> info = image->disk->Info();
-  return info.ok() ? info->l2_cache_bytes : 0;
+  return image != nullptr ? image->disk->l2_cache_bytes() : 0;
 }
 
 uint64_t kvblk_image_size(const kvblk_image* image) {

@@ -127,6 +127,9 @@ class BlockDevice {
   virtual uint64_t size() const = 0;
   virtual Capabilities capabilities() const = 0;
   virtual Result<ImageInfo> Info() = 0;
+  // What the qcow2 L2 table cache holds, in bytes (whole tables); 0 for a
+  // format without one.
+  virtual uint64_t l2_cache_bytes() const { return 0; }
 
   // Single-buffer conveniences.
   Task<Status> Read(uint64_t offset, void* buf, size_t len);
@@ -141,6 +144,10 @@ class BlockDevice {
   // EventLoop.
   virtual void StartRead(ReadRequest* req);
 };
+
+// The largest OpenOptions::l2_cache_bytes that kvblk serve and the C API
+// accept (tables are allocated as they are used; this bounds the growth).
+inline constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
 
 struct OpenOptions {
   std::string format;  // "raw", "qcow2", or "" to probe

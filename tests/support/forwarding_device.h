@@ -32,6 +32,7 @@ class ForwardingDevice : public BlockDevice {
   uint64_t size() const override { return inner_.size(); }
   Capabilities capabilities() const override { return inner_.capabilities(); }
   Result<ImageInfo> Info() override { return inner_.Info(); }
+  uint64_t l2_cache_bytes() const override { return inner_.l2_cache_bytes(); }
 
  protected:
   BlockDevice& inner_;

@@ -58,7 +58,9 @@ class UringEngine final : public IoEngine {
   }
 
   KVBLK_HOT int Reap(bool wait) override {
-    if (inflight_ != static_cast<int>(in_kernel_)) PlaceBacklog();  // a backlog
+    // A backlog exists exactly when more is in flight than in the kernel
+    // (tested on the counters' line rather than on backlog_'s).
+    if (inflight_ != static_cast<int>(in_kernel_)) PlaceBacklog();
     // Enter the kernel only with something to submit, or when completions
     // overflowed the ring (the submission then flushes them into it; never
     // expected, see Submit(), but counted).

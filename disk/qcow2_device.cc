@@ -680,6 +680,12 @@ Task<Status> Qcow2Device::PreallocateOnHome(Preallocation mode) {
 
 Task<Result<std::unique_ptr<BlockDevice>>> OpenImageAsync(const std::string& path,
                                                           const OpenOptions& opts, int depth) {
+  if (opts.l2_cache_bytes > kMaxL2CacheBytes) {
+    co_return Status::InvalidArgument(path + ": L2 cache size " +
+                                      std::to_string(opts.l2_cache_bytes) +
+                                      " bytes is more than the limit of 64 GiB (" +
+                                      std::to_string(kMaxL2CacheBytes) + ")");
+  }
   FileOptions fo;
   fo.read_only = opts.read_only;
   fo.direct = opts.direct;

@@ -145,8 +145,9 @@ class BlockDevice {
   virtual void StartRead(ReadRequest* req);
 };
 
-// The largest OpenOptions::l2_cache_bytes that kvblk serve and the C API
-// accept (tables are allocated as they are used; this bounds the growth).
+// The largest OpenOptions::l2_cache_bytes: OpenImage refuses more with
+// InvalidArgument, and kvblk serve and the C API check it with their own
+// messages (tables are allocated as they are used; this bounds the growth).
 inline constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
 
 struct OpenOptions {

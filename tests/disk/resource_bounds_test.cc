@@ -8,7 +8,7 @@
 // snapshots, snapshot extra data 1 KiB, backing file name 1023 bytes, header
 // extension strings 1023 bytes and any header extension 1 MiB (and the first
 // cluster), virtual size 2^61, L2 cache 32 MiB by default whatever the
-// virtual size.
+// virtual size and 64 GiB when asked for (kMaxL2CacheBytes).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -230,6 +230,33 @@ TEST_F(ResourceBoundsImage, SmallDiskGetsACacheNoLargerThanItsTables) {
   ASSERT_TRUE(dev.ok()) << dev.status().ToString();
   EXPECT_EQ((*dev)->l2_cache().capacity(), 2u);
   EXPECT_TRUE(RunSync((*dev)->Close()).ok());
+}
+
+TEST_F(ResourceBoundsImage, L2CacheSizePastTheLimitIsRefusedBeforeTheFileIsOpened) {
+  ShOk("qemu-img create -q -f qcow2 " + ShellQuote(img_) + " 64M");
+  OpenOptions o;
+  o.l2_cache_bytes = kMaxL2CacheBytes + 1;
+  auto dev = Open(o);
+  ASSERT_FALSE(dev.ok());
+  EXPECT_EQ(dev.status().code(), StatusCode::kInvalidArgument) << dev.status().ToString();
+  EXPECT_EQ(dev.status().message(), img_ +
+                                        ": L2 cache size 68719476737 bytes is more than the "
+                                        "limit of 64 GiB (68719476736)");
+  // The same holds for a file that does not exist: the options are checked first.
+  o.format = "qcow2";
+  auto missing = OpenImage(dir_.File("missing.qcow2"), o);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(ResourceBoundsImage, L2CacheSizeAtTheLimitIsAccepted) {
+  ShOk("qemu-img create -q -f qcow2 -o cluster_size=65536 " + ShellQuote(img_) + " 64M");
+  OpenOptions o;
+  o.l2_cache_bytes = kMaxL2CacheBytes;
+  auto dev = Open(o);
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  EXPECT_EQ((*dev)->l2_cache_bytes(), kMaxL2CacheBytes);
+  EXPECT_TRUE(CloseImage(std::move(*dev)).ok());
 }
 
 }  // namespace

@@ -4,6 +4,9 @@
 Backends, each driven by the same fio job:
   raw    fio's io_uring engine on a raw file (the limit)
   kvblk  kvblk's disk layer in the fio process (build/perf/fio-kvblk.so)
+  kvblk-raw  the same engine on the raw file (format=raw), for the read jobs
+         the targets judge: kvblk/kvblk-raw is what qcow2 costs inside kvblk,
+         kvblk-raw/raw what kvblk's I/O path costs against fio's own engine
   qemu   qemu-storage-daemon serving the same qcow2 image over vhost-user-blk
          (build/perf/fio-vhost-user.so plays the VMM)
   serve  `kvblk serve` over vhost-user-blk, when build/kvblk has `serve`
@@ -89,6 +92,13 @@ QUICK_SKIP = set()  # the quick run has every job, at one cluster size
 # repeats only these jobs: the two the read targets are judged on (a
 # single run of the CPU-bound one was seen to swing by a third for serve).
 QUICK_ROUND_JOBS = {"randread-4k-qd32", "randread-4k-qd32-cpu"}
+
+BACKENDS = ["raw", "kvblk-raw", "kvblk", "qemu", "serve"]
+# Backends that read and write the raw image rather than the qcow2 one (a
+# raw-format run is named after, and paired with, the layout it ran beside).
+RAW_FORMAT_BACKENDS = {"raw", "kvblk-raw"}
+# kvblk-raw splits the disk layer's read target in two; it runs only there.
+KVBLK_RAW_JOBS = {"randread-4k-qd32", "randread-4k-qd32-cpu"}
 
 # Extended L2 entries (subclusters): the layouts and the jobs they run.
 # Full run: both cluster sizes for EXT_JOBS; quick: 64 KiB, EXT_JOBS_QUICK.
@@ -367,7 +377,7 @@ def serve_argv(template, kvblk, image, socket_path, l2, l2_supported):
 
 
 def pin_plan(wanted):
-    """The CPU that fio runs on for the in-process backends (raw and kvblk)
+    """The CPU that fio runs on for the in-process backends (raw, kvblk-raw, kvblk)
     in jobs of one group: the last one this process may use, as
     perf/engine_ab.sh pins it; None if not wanted or with one CPU.
     Pinned, the two compare one thread on one CPU, which the scheduler does
@@ -398,6 +408,10 @@ def fio_job_file(path, backend, groups, runtime, engine_paths, time_based, fio_c
             lines.append("format=qcow2")
             lines.append("cache=none")
             lines.append("l2_cache_size=%d" % g["l2"])
+        elif backend == "kvblk-raw":
+            lines.append("ioengine=external:%s" % engine_paths["kvblk"])
+            lines.append("format=raw")
+            lines.append("cache=none")
         else:
             lines.append("ioengine=external:%s" % engine_paths["vhost"])
         lines.append("filename=%s" % g["target"])
@@ -440,7 +454,7 @@ def layout_fields(backend, cluster, ext):
     """A result's layout: its cluster size and extended L2 (none for raw),
     and for a raw run the layout whose runs it was measured beside, the one
     bench_report pairs it with."""
-    raw = backend == "raw"
+    raw = backend in RAW_FORMAT_BACKENDS
     return {"cluster": None if raw else cluster, "extended_l2": not raw and ext,
             "pair_cluster": cluster if raw else None, "pair_extended_l2": raw and ext}
 
@@ -458,6 +472,10 @@ class Bench:
         self.kvblk = os.path.join(self.build, "kvblk")
         self.serve_cmd = args.serve_cmd or os.environ.get("KVBLK_SERVE_CMD") or DEFAULT_SERVE_CMD
         self.backends = args.backends.split(",")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise SystemExit("bench: unknown backend(s) %s (known: %s)" %
+                             (", ".join(unknown), ", ".join(BACKENDS)))
         self.serve_l2 = False
         if "serve" in self.backends and not self.has_serve():
             log("note: %s has no 'serve' command; skipping the serve backend" % self.kvblk)
@@ -522,7 +540,7 @@ class Bench:
             tag += "." + ablation
         if round_no:
             tag += ".r%d" % round_no
-        fmt = "raw" if backend == "raw" else "qcow2"
+        fmt = "raw" if backend in RAW_FORMAT_BACKENDS else "qcow2"
         groups = []
         for g in job["groups"]:
             g = dict(g)
@@ -538,11 +556,12 @@ class Bench:
                            else l2_covering(size, cluster, ext))
             groups.append(g)
         time_based = all(g["image"] != "empty" for g in groups)
-        pin = self.pin if len(groups) == 1 and backend in ("raw", "kvblk") else None
+        in_fio = backend in ("raw", "kvblk", "kvblk-raw")
+        pin = self.pin if len(groups) == 1 and in_fio else None
         servers = []
         try:
             for i, g in enumerate(groups):
-                if backend in ("raw", "kvblk"):
+                if in_fio:
                     g["target"] = g["image_path"]
                     continue
                 sock = os.path.join(self.work, "%s.%d.sock" % (backend, i))
@@ -584,7 +603,7 @@ class Bench:
             res = {"job": job["name"], "group": g["name"], "backend": backend,
                    **layout_fields(backend, cluster, ext),
                    "rw": g["rw"], "bs": g["bs"], "iodepth": g["iodepth"],
-                   "l2_cache": (None if backend == "raw" or
+                   "l2_cache": (None if backend in RAW_FORMAT_BACKENDS or
                                 (backend == "serve" and not self.serve_l2) else g["l2"]),
                    "elapsed_s": elapsed, "fio_exit": p.returncode, "round": round_no}
             j = by_name.get(g["name"])
@@ -629,6 +648,8 @@ class Bench:
                 # (see docs/bench.md, "Rounds").
                 for cluster, ext in self.layouts(job):
                     for backend in order:
+                        if backend == "kvblk-raw" and job["name"] not in KVBLK_RAW_JOBS:
+                            continue
                         log("%s  cluster=%s  backend=%s%s" %
                             (job["name"], layout_name(cluster, ext), backend,
                              "  round %d/%d" % (rnd + 1, n) if n > 1 else ""))
@@ -672,7 +693,9 @@ def main():
                     help="64 KiB clusters only, short runs (bench-quick)")
     ap.add_argument("--runtime", type=int, default=None,
                     help="seconds per job (default 20; 4 with --quick)")
-    ap.add_argument("--backends", default="raw,kvblk,qemu,serve")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="comma-separated, from raw, kvblk-raw, kvblk, qemu, serve (default: "
+                         "all; kvblk-raw runs only for %s)" % ", ".join(sorted(KVBLK_RAW_JOBS)))
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each job, backends in alternating order (default 3; with "
                          "--quick only for %s)" % ", ".join(sorted(QUICK_ROUND_JOBS)))

@@ -91,7 +91,10 @@ def rows_by_key(results):
 
 
 # The pairs whose IOPS ratio the targets judge, for paired_markdown().
-PAIRS = [("kvblk", "raw"), ("serve", "qemu"), ("kvblk", "qemu")]
+# kvblk/raw splits into kvblk/kvblk-raw (what qcow2 costs inside kvblk) times
+# kvblk-raw/raw (kvblk's I/O path against fio's engine, both on the raw file).
+PAIRS = [("kvblk", "raw"), ("kvblk", "kvblk-raw"), ("kvblk-raw", "raw"), ("serve", "qemu"),
+         ("kvblk", "qemu")]
 
 
 def paired_markdown(results, job_order):
@@ -215,6 +218,7 @@ def markdown(meta, results, job_order, ablation_order):
     out.append("")
     backends = meta["backends"]
     has_serve = "serve" in backends
+    has_kvblk_raw = "kvblk-raw" in backends
     table = rows_by_key(results)
     keys = sorted_keys(table, job_order)
     ext = meta.get("extended_l2")
@@ -233,7 +237,8 @@ def markdown(meta, results, job_order, ablation_order):
         out.append("")
     pin = meta.get("pinned")
     if pin is not None:
-        out.append("The raw and kvblk runs of jobs of one group ran with fio pinned to CPU %d "
+        out.append("The raw, kvblk-raw and kvblk runs of jobs of one group ran with fio pinned "
+                   "to CPU %d "
                    "(as `perf/engine_ab.sh` runs them); the vhost-user runs, the mixed job and "
                    "the ablation ran unpinned, so the kvblk/QEMU columns compare a pinned run "
                    "with an unpinned one." % pin)
@@ -243,22 +248,28 @@ def markdown(meta, results, job_order, ablation_order):
                "CPU cost of each stack; the other jobs read data on the device.")
     out.append("")
     out.append("IOPS ratios: higher is better for kvblk. p99 and CPU ratios: lower is better. "
-               "`kvblk` is the disk layer inside fio (no virtio); `QEMU` is "
+               "`kvblk` is the disk layer inside fio (no virtio)%s; `QEMU` is "
                "qemu-storage-daemon behind vhost-user-blk%s." %
-               ("; `serve` is kvblk serve behind the same vhost-user-blk front end"
+               ((", and `kvblk-raw` the same engine on the raw file (format=raw): "
+                 "kvblk/raw = kvblk/kvblk-raw (what qcow2 costs inside kvblk) × "
+                 "kvblk-raw/raw (kvblk's I/O path against fio's own engine)"
+                 if has_kvblk_raw else ""),
+                "; `serve` is kvblk serve behind the same vhost-user-blk front end"
                 if has_serve else
                 ", so kvblk/QEMU compares the disk layer alone with QEMU's whole stack "
                 "(kvblk serve was not available)"))
     out.append("")
     head = ["job", "cluster", "IOPS kvblk/raw", "IOPS kvblk/QEMU", "p99 kvblk/raw",
             "p99 kvblk/QEMU", "CPU/IO kvblk/raw"]
+    if has_kvblk_raw:
+        head += ["IOPS kvblk/kvblk-raw", "IOPS kvblk-raw/raw"]
     if has_serve:
         head += ["IOPS serve/QEMU", "p99 serve/QEMU", "CPU/IO serve/QEMU", "RSS serve/QEMU"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for k in keys:
         b = table[k]
-        raw, kv, qe, sv = (b.get(x) for x in ("raw", "kvblk", "qemu", "serve"))
+        raw, kv, qe, sv, kr = (b.get(x) for x in ("raw", "kvblk", "qemu", "serve", "kvblk-raw"))
         g = lambda r, f: None if r is None else r.get(f)
         row = [k[0], layout_label(k),
                fmt_num(ratio(g(kv, "iops"), g(raw, "iops")), 2),
@@ -266,6 +277,9 @@ def markdown(meta, results, job_order, ablation_order):
                fmt_num(ratio(g(kv, "clat_p99_us"), g(raw, "clat_p99_us")), 2),
                fmt_num(ratio(g(kv, "clat_p99_us"), g(qe, "clat_p99_us")), 2),
                fmt_num(ratio(g(kv, "cpu_per_kio"), g(raw, "cpu_per_kio")), 2)]
+        if has_kvblk_raw:
+            row += [fmt_num(ratio(g(kv, "iops"), g(kr, "iops")), 2),
+                    fmt_num(ratio(g(kr, "iops"), g(raw, "iops")), 2)]
         if has_serve:
             row += [fmt_num(ratio(g(sv, "iops"), g(qe, "iops")), 2),
                     fmt_num(ratio(g(sv, "clat_p99_us"), g(qe, "clat_p99_us")), 2),
@@ -277,7 +291,7 @@ def markdown(meta, results, job_order, ablation_order):
     out.append("## Measurements")
     out.append("")
     out.append("CPU: seconds of CPU per 1000 I/Os — of the back-end process for QEMU and serve, "
-               "of the fio job (fio + engine) for raw and kvblk. Peak RSS: the back end's "
+               "of the fio job (fio + engine) for raw, kvblk-raw and kvblk. Peak RSS: the back end's "
                "VmHWM, or fio's peak RSS for the in-process engines.")
     out.append("")
     head = ["job", "cluster", "backend", "IOPS", "MiB/s", "p50 µs", "p99 µs",
@@ -314,7 +328,8 @@ def chart(meta, results, job_order, dat_path, png_path):
         return
     table = rows_by_key(results)
     others = [b for b in meta["backends"] if b != "raw"]
-    names = {"kvblk": "kvblk disk layer", "qemu": "QEMU (vhost-user)",
+    names = {"kvblk": "kvblk disk layer", "kvblk-raw": "kvblk disk layer, raw file",
+             "qemu": "QEMU (vhost-user)",
              "serve": "kvblk serve (vhost-user)"}
     keys = sorted_keys(table, job_order)
     with open(dat_path, "w") as f:

@@ -33,16 +33,16 @@ def simulated_bench(rounds):
     """A Bench over the full matrix's layouts whose run_job records each run
     and makes a result as run_job does, with drifting IOPS."""
     b = bench.Bench.__new__(bench.Bench)
-    b.args = argparse.Namespace(jobs="^randread-4k-qd32$", quick=False, rounds=rounds,
-                                extended_l2="auto", l2_ablation=False)
-    b.backends = ["raw", "kvblk", "qemu", "serve"]
+    b.args = argparse.Namespace(jobs="^(randread|randwrite)-4k-qd32$", quick=False,
+                                rounds=rounds, extended_l2="auto", l2_ablation=False)
+    b.backends = list(bench.BACKENDS)
     b.ext_l2 = "yes"
     b.results = []
     calls = []
 
     def run_job(job, backend, cluster, ext=False, l2_tables=None, ablation=None, round_no=0):
         speed = 100000 * 0.98 ** len(calls)  # the device slows down run after run
-        calls.append((backend, cluster, ext, round_no))
+        calls.append((job["name"], backend, cluster, ext, round_no))
         iops = {"qemu": speed / 2, "serve": speed}.get(backend, speed)
         for g in job["groups"]:
             b.results.append({"job": job["name"], "group": g["name"], "backend": backend,
@@ -66,36 +66,71 @@ def main():
     verdict("the full matrix measures randread-4k-qd32 at four layouts", len(layouts) == 4,
             layouts)
 
-    raw_runs = [(c, e, r) for be, c, e, r in calls if be == "raw"]
+    read = "randread-4k-qd32"
     want = sorted((c, e, r) for r in (1, 2) for c, e in layouts)
-    verdict("raw runs once per layout in every round", sorted(raw_runs) == want,
-            "raw runs: %s\nwant: %s" % (raw_runs, want))
+    for be in ("raw", "kvblk-raw"):
+        runs = [(c, e, r) for jb, b_, c, e, r in calls if b_ == be and jb == read]
+        verdict("%s runs once per layout in every round" % be, sorted(runs) == want,
+                "%s runs: %s\nwant: %s" % (be, runs, want))
+    elsewhere = [x for x in calls if x[1] == "kvblk-raw" and x[0] != read]
+    verdict("kvblk-raw runs only for the read jobs the targets judge",
+            not elsewhere and any(x[0] == "randwrite-4k-qd32" for x in calls), elsewhere)
 
     # Each layout's runs in a round are consecutive, raw among them.
     far = []
-    for i, (be, c, e, r) in enumerate(calls):
-        if be != "kvblk":
+    for i, (jb, be, c, e, r) in enumerate(calls):
+        if be not in ("kvblk", "kvblk-raw"):
             continue
-        j = next((j for j, x in enumerate(calls) if x == ("raw", c, e, r)), None)
-        if j is None or abs(i - j) > 3:
-            far.append((c, e, r, i, j))
-    verdict("each kvblk run is at most three runs from its layout's raw run", not far, far)
+        j = next((j for j, x in enumerate(calls) if x == (jb, "raw", c, e, r)), None)
+        if j is None or abs(i - j) > 2:
+            far.append((jb, be, c, e, r, i, j))
+    verdict("each kvblk and kvblk-raw run is at most two runs from its layout's raw run",
+            not far, far)
 
-    table = bench_report.rows_by_key(b.results)
-    ratios = {k: v["kvblk"]["iops"] / v["raw"]["iops"] for k, v in table.items()
-              if "kvblk" in v and "raw" in v}
-    verdict("every layout's kvblk/raw compares runs made side by side (ratio within 6 %)",
-            len(ratios) == 4 and all(0.94 <= x <= 1.06 for x in ratios.values()), ratios)
+    table = {k: v for k, v in bench_report.rows_by_key(b.results).items() if k[0] == read}
+    for a in ("kvblk", "kvblk-raw"):
+        ratios = {k: v[a]["iops"] / v["raw"]["iops"] for k, v in table.items()
+                  if a in v and "raw" in v}
+        verdict("every layout's %s/raw compares runs made side by side (ratio within 6 %%)" % a,
+                len(ratios) == 4 and all(0.94 <= x <= 1.06 for x in ratios.values()), ratios)
 
     md = "\n".join(bench_report.paired_markdown(b.results, [j["name"] for j in bench.JOBS]))
-    rows = [ln for ln in md.splitlines() if "| kvblk/raw |" in ln]
-    meds = [float(ln.split("|")[4]) for ln in rows]
-    verdict("'Ratios within rounds' pairs kvblk with the raw run of its own layout",
-            len(rows) == 4 and all(0.94 <= m <= 1.06 for m in meds), md)
+    for pair in ("kvblk/raw", "kvblk/kvblk-raw", "kvblk-raw/raw"):
+        rows = [ln for ln in md.splitlines() if ln.startswith("| %s |" % read)
+                and "| %s |" % pair in ln]
+        meds = [float(ln.split("|")[4]) for ln in rows]
+        verdict("'Ratios within rounds' pairs %s runs of the same layout" % pair,
+                len(rows) == 4 and all(0.94 <= m <= 1.06 for m in meds), md)
+
+    # The ratios table splits kvblk/raw in two where kvblk-raw ran, and
+    # leaves the two columns empty elsewhere.
+    meta = {"date": "d", "quick": False, "host": "h", "cpus": 2, "kernel": "k", "fio": "f",
+            "qemu": "q", "kvblk_rev": "r", "runtime": 20, "backends": list(bench.BACKENDS)}
+    report = bench_report.markdown(meta, b.results, [j["name"] for j in bench.JOBS], [])
+    head = next(ln for ln in report.splitlines() if ln.startswith("| job | cluster | IOPS"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    split_ok, bad = True, []
+    for ln in report.splitlines():
+        if not ln.startswith("| randread-4k-qd32 |") and not ln.startswith("| randwrite-4k-qd32 |"):
+            continue
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(cols):
+            continue  # the measurements table
+        kr, krr = cells[cols.index("IOPS kvblk/kvblk-raw")], cells[cols.index("IOPS kvblk-raw/raw")]
+        if cells[0] == read:
+            ok = kr != "–" and krr != "–" and 0.94 <= float(kr) <= 1.06
+        else:
+            ok = kr == "–" and krr == "–"
+        if not ok:
+            split_ok = False
+            bad.append(ln)
+    verdict("the ratios table has kvblk/kvblk-raw and kvblk-raw/raw for the read job only",
+            split_ok and "IOPS kvblk-raw/raw" in cols, "\n".join(bad) or head)
 
     # Results written before raw ran per layout (one raw run per job, no
     # pair_cluster) still give every layout its group's raw run.
-    old = [dict(r) for r in b.results if r["round"] == 1]
+    old = [dict(r) for r in b.results if r["round"] == 1 and r["job"] == read
+           and r["backend"] != "kvblk-raw"]
     first_raw = next(r for r in old if r["backend"] == "raw")
     del first_raw["pair_cluster"], first_raw["pair_extended_l2"]
     old = [r for r in old if r["backend"] != "raw" or r is first_raw]

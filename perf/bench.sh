@@ -6,7 +6,7 @@
 # and a PNG chart. See docs/bench.md.
 #
 # Usage: perf/bench.sh [--build DIR] [--quick] [--runtime S] [--jobs REGEX]
-#                      [--backends raw,kvblk,qemu,serve] [--serve-cmd TEMPLATE]
+#                      [--backends raw,kvblk-raw,kvblk,qemu,serve] [--serve-cmd TEMPLATE]
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)

@@ -97,6 +97,8 @@ BACKENDS = ["raw", "kvblk-raw", "kvblk", "qemu", "serve"]
 # Backends that read and write the raw image rather than the qcow2 one (a
 # raw-format run is named after, and paired with, the layout it ran beside).
 RAW_FORMAT_BACKENDS = {"raw", "kvblk-raw"}
+# Backends that run inside the fio process (no back end process of their own).
+IN_FIO_BACKENDS = {"raw", "kvblk-raw", "kvblk"}
 # kvblk-raw splits the disk layer's read target in two; it runs only there.
 KVBLK_RAW_JOBS = {"randread-4k-qd32", "randread-4k-qd32-cpu"}
 
@@ -403,15 +405,14 @@ def fio_job_file(path, backend, groups, runtime, engine_paths, time_based, fio_c
         lines.append("[%s]" % g["name"])
         if backend == "raw":
             lines.append("ioengine=io_uring")
-        elif backend == "kvblk":
+        elif backend in ("kvblk", "kvblk-raw"):
             lines.append("ioengine=external:%s" % engine_paths["kvblk"])
-            lines.append("format=qcow2")
             lines.append("cache=none")
-            lines.append("l2_cache_size=%d" % g["l2"])
-        elif backend == "kvblk-raw":
-            lines.append("ioengine=external:%s" % engine_paths["kvblk"])
-            lines.append("format=raw")
-            lines.append("cache=none")
+            if backend == "kvblk":
+                lines.append("format=qcow2")
+                lines.append("l2_cache_size=%d" % g["l2"])
+            else:
+                lines.append("format=raw")
         else:
             lines.append("ioengine=external:%s" % engine_paths["vhost"])
         lines.append("filename=%s" % g["target"])
@@ -556,7 +557,7 @@ class Bench:
                            else l2_covering(size, cluster, ext))
             groups.append(g)
         time_based = all(g["image"] != "empty" for g in groups)
-        in_fio = backend in ("raw", "kvblk", "kvblk-raw")
+        in_fio = backend in IN_FIO_BACKENDS
         pin = self.pin if len(groups) == 1 and in_fio else None
         servers = []
         try:

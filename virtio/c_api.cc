@@ -102,10 +102,8 @@ int kvblk_open_with(const char* path, const kvblk_open_options* options, kvblk_i
                             ", not sizeof(struct kvblk_open_options) (" +
                             std::to_string(sizeof(kvblk_open_options)) + ")");
   }
-  if (options->l2_cache_bytes > kvblk::kMaxL2CacheBytes) {
-    return Fail(EINVAL, "kvblk_open_with: l2_cache_bytes " +
-                            std::to_string(options->l2_cache_bytes) + " is over 64 GiB");
-  }
+  // OpenImage refuses an L2 cache over kMaxL2CacheBytes (InvalidArgument,
+  // so -EINVAL) before it opens anything.
   return Guard([&] {
     kvblk::OpenOptions o;
     o.read_only = options->read_only != 0;

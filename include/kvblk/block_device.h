@@ -146,8 +146,9 @@ class BlockDevice {
 };
 
 // The largest OpenOptions::l2_cache_bytes: OpenImage refuses more with
-// InvalidArgument, and kvblk serve and the C API check it with their own
-// messages (tables are allocated as they are used; this bounds the growth).
+// InvalidArgument (kvblk serve also checks it while parsing its options, to
+// name the option; tables are allocated as they are used, and this bounds
+// the growth).
 inline constexpr uint64_t kMaxL2CacheBytes = uint64_t{64} << 30;
 
 struct OpenOptions {

@@ -61,21 +61,6 @@ inline void ZeroIov(const std::vector<iovec>& v) {
   for (const iovec& x : v) std::memset(x.iov_base, 0, x.iov_len);
 }
 
-// Size of the shared zero buffer AppendZeros() points into.
-inline constexpr size_t kZeroBufferBytes = 64 * 1024;
-
-// Appends to `out` iovecs covering `len` zero bytes, all pointing into one
-// shared, page-aligned buffer of zeros (so O_DIRECT takes them as they are).
-// For writes only: nothing may ever write through them.
-inline void AppendZeros(size_t len, std::vector<iovec>* out) {
-  alignas(4096) static const uint8_t zeros[kZeroBufferBytes] = {};
-  while (len > 0) {
-    const size_t n = std::min(len, kZeroBufferBytes);
-    out->push_back({const_cast<uint8_t*>(zeros), n});
-    len -= n;
-  }
-}
-
 // Fills `v` front to back from `src` (IovTotal(v) bytes).
 inline void CopyToIov(const std::vector<iovec>& v, const uint8_t* src) {
   for (const iovec& x : v) {

@@ -9,9 +9,9 @@
 //
 // Contract (the caller, Qcow2Device, keeps it; see qcow2_subcluster.cc):
 // a bit s set for host cluster H (recorded for guest cluster G) means the
-// bytes of subcluster s of H have held nothing but zeros since H was handed
-// out fresh (past every cluster the file ever used, so reading as zeros)
-// and mapped by G: never written, or written only with zeros. An entry is only ever made at that moment; bits are only
+// bytes of subcluster s of H have not been written since H was handed out
+// fresh (past every cluster the file ever used, so reading as zeros) and
+// mapped by G. An entry is only ever made at that moment; bits are only
 // ever cleared afterwards. Forgetting is always safe: a missing entry only
 // costs writing the zeros.
 //

@@ -503,17 +503,6 @@ class Qcow2Device final : public BlockDevice {
   // rest written as zeros (write zeroes) or left alone (discard).
   Task<Status> ZeroOrDiscardPartial(uint64_t pos, uint64_t end, bool discard, bool may_unmap);
   uint32_t subcluster_bits() const { return cluster_bits_ - 5; }
-  // A write that allocates a unit (a cluster, or with extended L2 entries
-  // a subcluster) of at most this size in fresh host space writes the
-  // whole unit, zeros around the guest's data, rather than leaving the
-  // rest to the host file's unwritten extents. On ext4 (and XFS) every
-  // write into an unwritten extent splits it and has the written part
-  // converted by a kernel worker, a journaled change: about half the rate
-  // of an overwrite here. Written once, the unit takes every later write as
-  // an overwrite. Measured on 4 KiB random writes to empty images
-  // (perf/results/alloc_fill.md). Larger units are not written whole: a
-  // 2 MiB write for each first 4 KiB would cost more than it saves.
-  static constexpr uint64_t kFillUnitMaxBytes = 64 * 1024;
   // Home loop: subclusters of recently allocated host clusters whose host
   // bytes still read as zeros (see KnownZeroSubclusters and the invariant
   // in qcow2_subcluster.cc). Bounded; losing an entry costs a zero fill.

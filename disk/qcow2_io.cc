@@ -159,29 +159,23 @@ Task<Result<size_t>> Qcow2Device::AllocatingWrite(uint64_t pos, size_t len,
   const uint64_t head = pos & (cluster_size_ - 1);
   const uint64_t end = pos + len;
   const uint64_t tail = ((gc0 + k) << cluster_bits_) - end;
-  // A fresh run already reads as zeros: copy-on-write of zeros is not
-  // read (with 2 MiB clusters this turns a 2 MiB write into the guest's
-  // 4 KiB). Small clusters get the zeros written all the same, from the
-  // shared zero buffer (kFillUnitMaxBytes).
-  const bool zero_head = run.fresh && ReadsAsZero(old[0], gc0 << cluster_bits_);
-  const bool zero_tail = run.fresh && ReadsAsZero(old[k - 1], end);
-  const bool fill = cluster_size_ <= kFillUnitMaxBytes;
-  const bool skip_head = zero_head && !fill;
-  std::vector<uint8_t> head_buf(zero_head ? 0 : head), tail_buf(zero_tail ? 0 : tail);
+  // A fresh run already reads as zeros: copy-on-write of zeros is skipped
+  // (with 2 MiB clusters this turns a 2 MiB write into the guest's 4 KiB).
+  const bool skip_head = run.fresh && ReadsAsZero(old[0], gc0 << cluster_bits_);
+  const bool skip_tail = run.fresh && ReadsAsZero(old[k - 1], end);
+  std::vector<uint8_t> head_buf(skip_head ? 0 : head), tail_buf(skip_tail ? 0 : tail);
   std::vector<iovec> w;
-  if (head > 0 && zero_head && fill) AppendZeros(head, &w);
-  if (head > 0 && !zero_head) {
+  if (head > 0 && !skip_head) {
     std::vector<iovec> v{{head_buf.data(), head}};
     KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(old[0], gc0 << cluster_bits_, v));
     w.push_back(v[0]);
   }
   SliceIov(data, 0, len, &w);
-  if (tail > 0 && !zero_tail) {
+  if (tail > 0 && !skip_tail) {
     std::vector<iovec> v{{tail_buf.data(), tail}};
     KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(old[k - 1], end, v));
     w.push_back(v[0]);
   }
-  if (tail > 0 && zero_tail && fill) AppendZeros(tail, &w);
   const uint64_t write_at = run.offset + (skip_head ? head : 0);
   if (Status ov = GuardCheck("data write", run.offset, k << cluster_bits_, kIgnoreNone);
       !ov.ok()) {

@@ -71,12 +71,11 @@ Task<Status> Qcow2Device::ReadSubclusters(const Mapping& m, uint64_t pos,
 
 // Known-zero host subclusters (known_zero_, home loop only). Invariant: a
 // bit s recorded for host cluster H and guest cluster G means subcluster s
-// of H has held nothing but zeros since H was handed out fresh (reading as
-// zeros) to G. It holds because
+// of H has not been written since H was handed out fresh (reading as zeros)
+// to G. It holds because
 //  - entries are made only here, right after a fresh run was written, for
-//    the subclusters that write did not allocate (SyncTree first drops all
-//    entries if the active L1 table was switched); a fresh cluster written
-//    whole (kFillUnitMaxBytes) got only zeros there;
+//    the subclusters that write did not cover (SyncTree first drops all
+//    entries if the active L1 table was switched);
 //  - the only writers of H's bytes are this function, which clears the bits
 //    it may write before writing (cluster lock: one at a time per guest
 //    cluster, and an entry is only used for the cluster it was made for),
@@ -168,25 +167,15 @@ Task<Result<size_t>> Qcow2Device::SubclusterWrite(uint64_t pos, size_t len,
     // Other zero edges are zeroed by the host file (a punched hole), not
     // written: measured about 1.8x the IOPS of writing zero buffers, and
     // the image stays sparse (perf/results/subcluster.md).
-    // Known zeros at the edges are written as zeros all the same: a
-    // subcluster is at most 64 KiB (2 MiB clusters), so always a unit
-    // kFillUnitMaxBytes writes whole. A small fresh cluster is written
-    // whole too: its other subclusters stay unallocated and known zero.
-    static_assert((uint64_t{1} << kMaxClusterBits) / kSubclustersPerCluster <= kFillUnitMaxBytes);
     auto known = [&](uint32_t s) { return ((known_zero >> s) & 1) != 0; };
-    const bool known_head = head > 0 && known(first) && reads_zero(first);
-    const bool known_tail = tail > 0 && known(last) && reads_zero(last);
-    const bool punch_head = head > 0 && !known_head && reads_zero(first);
-    const bool punch_tail = tail > 0 && !known_tail && reads_zero(last);
-    const bool copy_head = head > 0 && !known_head && !punch_head;
-    const bool copy_tail = tail > 0 && !known_tail && !punch_tail;
-    const bool whole = fresh && cluster_size_ <= kFillUnitMaxBytes;
-    const uint64_t before = whole ? head_from : 0;  // zeros ahead of the head
-    const uint64_t after = whole ? cluster_size_ - tail_to : 0;
+    const bool skip_head = head == 0 || (known(first) && reads_zero(first));
+    const bool skip_tail = tail == 0 || (known(last) && reads_zero(last));
+    const bool punch_head = !skip_head && reads_zero(first);
+    const bool punch_tail = !skip_tail && reads_zero(last);
+    const bool copy_head = !skip_head && !punch_head;
+    const bool copy_tail = !skip_tail && !punch_tail;
     std::vector<uint8_t> head_buf(copy_head ? head : 0), tail_buf(copy_tail ? tail : 0);
     std::vector<iovec> w;
-    AppendZeros(before, &w);
-    if (known_head) AppendZeros(head, &w);
     if (copy_head) {
       std::vector<iovec> v{{head_buf.data(), head}};
       KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, base + head_from, v));
@@ -198,15 +187,12 @@ Task<Result<size_t>> Qcow2Device::SubclusterWrite(uint64_t pos, size_t len,
       KVBLK_CO_RETURN_IF_ERROR(co_await ReadMapped(m, pos + len, v));
       w.push_back(v[0]);
     }
-    if (known_tail) AppendZeros(tail, &w);
-    AppendZeros(after, &w);
-    const bool with_head = copy_head || known_head;
     if (reuse) known_zero_.Clear(host, written);  // before the bytes change
     if (punch_head) wst = co_await file_->WriteZeroes(host + head_from, head, false);
     if (wst.ok() && punch_tail) wst = co_await file_->WriteZeroes(host + in + len, tail, false);
     if (wst.ok()) {
       wst = co_await file_->WriteV(w.data(), static_cast<int>(w.size()),
-                                   host + (whole ? 0 : with_head ? head_from : in));
+                                   host + (copy_head ? head_from : in));
     }
   }
   if (!wst.ok()) {

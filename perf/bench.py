@@ -202,6 +202,7 @@ class Images:
         empty_trash() leaves running in the background keeps the kernel busy
         for minutes (discards), which would fall on the measurements."""
         names = os.listdir(self.trash)
+        t0 = time.monotonic()
         if names:
             log("deleting %d image(s) %s, before measuring" % (len(names), why))
             for name in names:
@@ -210,6 +211,8 @@ class Images:
                 except FileNotFoundError:  # the earlier run's rm got there first
                     pass
         os.sync()  # and the journal commits that carry the discards
+        if names:
+            log("  deleted in %.0f s" % (time.monotonic() - t0))
 
     # Free space kept beyond what an image may need, for logs and results.
     SPACE_RESERVE = 1 * GiB

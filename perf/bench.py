@@ -696,7 +696,7 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="64 KiB clusters only, short runs (bench-quick)")
     ap.add_argument("--runtime", type=int, default=None,
-                    help="seconds per job (default 20; 3 with --quick)")
+                    help="seconds per job (default 20; 4 with --quick)")
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help="comma-separated, from raw, kvblk-raw, kvblk, qemu, serve (default: "
                          "all; kvblk-raw runs only for %s)" % ", ".join(sorted(KVBLK_RAW_JOBS)))
@@ -732,7 +732,7 @@ def main():
         print(md)
         return 0
     if args.runtime is None:
-        args.runtime = 3 if args.quick else 20
+        args.runtime = 4 if args.quick else 20
 
     bench = Bench(args)
     now = datetime.datetime.now()

@@ -29,11 +29,12 @@ import bench_report  # noqa: E402
 
 
 
-def simulated_bench(rounds):
-    """A Bench over the full matrix's layouts whose run_job records each run
-    and makes a result as run_job does, with drifting IOPS."""
+def simulated_bench(rounds, quick=False, jobs="^(randread|randwrite)-4k-qd32$"):
+    """A Bench over the full matrix's layouts (the quick one's with `quick`)
+    whose run_job records each run and makes a result as run_job does, with
+    drifting IOPS."""
     b = bench.Bench.__new__(bench.Bench)
-    b.args = argparse.Namespace(jobs="^(randread|randwrite)-4k-qd32$", quick=False,
+    b.args = argparse.Namespace(jobs=jobs, quick=quick,
                                 rounds=rounds, extended_l2="auto", l2_ablation=False)
     b.backends = list(bench.BACKENDS)
     b.ext_l2 = "yes"
@@ -138,6 +139,21 @@ def main():
     verdict("an older results file's one raw run serves every layout of its group",
             len(old_table) == 4 and all(v.get("raw") == [first_raw] for v in old_table.values()),
             old_table.keys())
+
+    # bench-quick splits only the CPU-bound read (its time limit).
+    q, qcalls = simulated_bench(rounds=3, quick=True, jobs="^randread-4k-qd32(-cpu)?$")
+    with open(os.devnull, "w") as null:
+        saved, sys.stdout = sys.stdout, null
+        try:
+            q.run()
+        finally:
+            sys.stdout = saved
+    split = sorted({x[0] for x in qcalls if x[1] == "kvblk-raw"})
+    rounds = sorted(x[4] for x in qcalls if x[1] == "kvblk-raw")
+    verdict("bench-quick runs kvblk-raw for the CPU-bound read only, in every round",
+            split == ["randread-4k-qd32-cpu"] and rounds == [1, 2, 3] and
+            any(x[0] == "randread-4k-qd32" and x[1] == "raw" for x in qcalls),
+            "%s %s" % (split, rounds))
 
     sys.exit(1 if checks.failures else 0)
 

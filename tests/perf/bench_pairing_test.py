@@ -54,14 +54,19 @@ def simulated_bench(rounds, quick=False, jobs="^(randread|randwrite)-4k-qd32$"):
     return b, calls
 
 
-def main():
-    b, calls = simulated_bench(rounds=2)
+def run_quietly(b):
+    """Runs the simulated bench `b` with its progress log thrown away."""
     with open(os.devnull, "w") as null:
         saved, sys.stdout = sys.stdout, null
         try:
             b.run()
         finally:
             sys.stdout = saved
+
+
+def main():
+    b, calls = simulated_bench(rounds=2)
+    run_quietly(b)
     layouts = [(c, e) for c, e in b.layouts(bench.JOBS[[j["name"] for j in bench.JOBS]
                                                          .index("randread-4k-qd32")])]
     verdict("the full matrix measures randread-4k-qd32 at four layouts", len(layouts) == 4,
@@ -142,12 +147,7 @@ def main():
 
     # bench-quick splits only the CPU-bound read (its time limit).
     q, qcalls = simulated_bench(rounds=3, quick=True, jobs="^randread-4k-qd32(-cpu)?$")
-    with open(os.devnull, "w") as null:
-        saved, sys.stdout = sys.stdout, null
-        try:
-            q.run()
-        finally:
-            sys.stdout = saved
+    run_quietly(q)
     split = sorted({x[0] for x in qcalls if x[1] == "kvblk-raw"})
     rounds = sorted(x[4] for x in qcalls if x[1] == "kvblk-raw")
     verdict("bench-quick runs kvblk-raw for the CPU-bound read only, in every round",
